@@ -1,0 +1,221 @@
+"""Causal, block-wise Wan2.1 transformer on top of diffusers' `WanTransformer3DModel`.
+
+Diffusers owns the weights and the pieces (patch embedding, condition embedder, blocks, output
+head); we own the forward pass. Two forwards share one layer loop:
+
+* `forward_block` denoises one block of latent frames against an external cache policy
+  (Self-Forcing inference). The block may carry *compressed tokens* (PackForcing) that ride along
+  the clean commit pass as a second stream: each layer runs the block's tokens first, then the
+  compressed tokens, so the block's own K/V never see them (bit-identical with compression off).
+* `forward_sequence` runs a whole sequence in one pass with an optional attention mask and
+  per-frame timesteps and positions (teacher forcing, and the reference the cache is tested against).
+
+The self-attention of every block (`attn1`) gets a `CacheAttnProcessor`; per-call state travels
+in the ``rotary_emb`` argument (diffusers passes it through untouched) as an `AttentionCall`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers import WanTransformer3DModel
+
+from .rope import Rope3D
+
+
+@dataclass
+class AttentionCall:
+    """What one layer's self-attention needs besides its input. cos/sin: [N, head_dim/2] fp32."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    layer: int = 0
+    cache: object | None = None  # a CachePolicy, or None for a plain (masked) forward
+    stream: str = "block"  # "block" | "compressed"
+    mask: torch.Tensor | None = None  # [N, N] bool (True = attend), plain forward only
+
+
+class CacheAttnProcessor:
+    """Self-attention that reads its context from a cache policy (or runs plain with a mask)."""
+
+    def __init__(self, rope: Rope3D):
+        self.rope = rope
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        call: AttentionCall = rotary_emb
+        q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        q, k = attn.norm_q(q), attn.norm_k(k)
+        # [B, N, heads, head_dim]
+        q, k, v = (x.unflatten(2, (attn.heads, -1)) for x in (q, k, v))
+        q = self.rope.apply_tokens(q, call.cos, call.sin)
+        k = self.rope.apply_tokens(k, call.cos, call.sin)
+
+        if call.cache is None:
+            keys, values, mask = k.transpose(1, 2), v.transpose(1, 2), call.mask
+        elif call.stream == "block":
+            keys, values = call.cache.context_for(call.layer, q, k, v)  # [B, heads, T, d]
+            mask = None
+        else:
+            keys, values = call.cache.compressed_context_for(call.layer, q, k, v)
+            mask = None
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask)
+        out = out.transpose(1, 2).flatten(2, 3).type_as(hidden_states)  # [B, N, dim]
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+class CausalWanTransformer(WanTransformer3DModel):
+    """`WanTransformer3DModel` with a block-causal, cache-aware forward. Same config and weights."""
+
+    # No __init__ override: diffusers reads the constructor signature for from_config/from_pretrained.
+    # The cache-aware processors are installed on first use instead.
+    @property
+    def rope3d(self) -> Rope3D:
+        if getattr(self, "_rope3d", None) is None:
+            self._rope3d = Rope3D(self.config.attention_head_dim)
+        return self._rope3d
+
+    def _install_processors(self) -> None:
+        if not isinstance(self.blocks[0].attn1.processor, CacheAttnProcessor):
+            for block in self.blocks:
+                block.attn1.set_processor(CacheAttnProcessor(self.rope3d))
+
+    # -- pieces ------------------------------------------------------------------------------
+    def patchify(self, latents: torch.Tensor) -> torch.Tensor:
+        """[B, C, F, H, W] -> tokens [B, F·(H/2)·(W/2), dim]."""
+        return self.patch_embedding(latents.to(self.dtype)).flatten(2).transpose(1, 2).contiguous()
+
+    def unpatchify(self, tokens: torch.Tensor, frames: int, height: int, width: int) -> torch.Tensor:
+        """tokens [B, N, C·p_t·p_h·p_w] -> [B, C, F, H, W]."""
+        p_t, p_h, p_w = self.config.patch_size
+        b = tokens.shape[0]
+        x = tokens.reshape(b, frames // p_t, height // p_h, width // p_w, p_t, p_h, p_w, -1)
+        return x.permute(0, 7, 1, 4, 2, 5, 3, 6).flatten(6, 7).flatten(4, 5).flatten(2, 3)
+
+    def token_grid(self, frames: int, height: int, width: int) -> tuple[int, int, int]:
+        p_t, p_h, p_w = self.config.patch_size
+        return frames // p_t, height // p_h, width // p_w
+
+    def conditions(self, timestep: torch.Tensor, text: torch.Tensor, tokens_per_step: int | None = None):
+        """timestep [B] or [B, N] (per token) -> (temb, modulation [B,6,D] or [B,N,6,D], text tokens)."""
+        seq = None
+        if timestep.ndim == 2:
+            seq = timestep.shape[1]
+            timestep = timestep.flatten()
+        temb, proj, text_tokens, _ = self.condition_embedder(timestep, text.to(self.dtype), None, timestep_seq_len=seq)
+        proj = proj.unflatten(2, (6, -1)) if seq is not None else proj.unflatten(1, (6, -1))
+        return temb, proj, text_tokens
+
+    def head(self, hidden: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        if temb.ndim == 3:  # per token
+            shift, scale = (self.scale_shift_table.unsqueeze(0) + temb.unsqueeze(2)).chunk(2, dim=2)
+            shift, scale = shift.squeeze(2), scale.squeeze(2)
+        else:
+            shift, scale = (self.scale_shift_table + temb.unsqueeze(1)).chunk(2, dim=1)
+        hidden = (self.norm_out(hidden.float()) * (1 + scale) + shift).type_as(hidden)
+        return self.proj_out(hidden)
+
+    def grid_cos_sin(self, frame_positions: torch.Tensor, height: int, width: int):
+        """Per-frame temporal positions [F] (latent frames, may be fractional) -> cos, sin [F·h·w, d/2]."""
+        _, gh, gw = self.token_grid(1, height, width)
+        hh, ww = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")
+        spatial = torch.stack([hh.flatten(), ww.flatten()], -1).double()  # [h·w, 2]
+        tt = frame_positions.double().repeat_interleave(gh * gw)[:, None]
+        pos = torch.cat([tt, spatial.repeat(len(frame_positions), 1)], dim=1)
+        return self.rope3d.cos_sin(pos, device=self.device)
+
+    # -- forwards ----------------------------------------------------------------------------
+    def forward_block(
+        self,
+        latents: torch.Tensor,
+        timestep: torch.Tensor,
+        text: torch.Tensor,
+        cache,
+        step: int,
+        t_start: float,
+        commit: bool = False,
+        compressed: torch.Tensor | None = None,
+        compressed_positions: torch.Tensor | None = None,
+        compressed_kv: str = "commit",
+    ) -> torch.Tensor:
+        """Denoise one block against ``cache``.
+
+        latents [B, C, F, H, W] (normalised latents of the current block); timestep [B] (0..1000);
+        text [B, L, text_dim]; t_start: temporal RoPE position of the block's first frame (latent
+        frames, given by the cache policy); commit: True for the clean pass at t = 0. compressed: optional tokens [B, N_c, dim] with
+        positions [N_c, 3] (t, h, w) — only on the commit pass. Returns the flow prediction, same
+        shape as ``latents``.
+        """
+        self._install_processors()
+        b, _, frames, height, width = latents.shape
+        cache.begin_step(step, commit)
+        cos, sin = self.grid_cos_sin(t_start + torch.arange(frames, dtype=torch.float64), height, width)
+        hidden = self.patchify(latents)
+        temb, modulation, text_tokens = self.conditions(timestep, text)
+
+        comp = None
+        if compressed is not None:
+            c_cos, c_sin = self.rope3d.cos_sin(compressed_positions, device=self.device)
+            comp = compressed.to(self.dtype)
+        for layer, block in enumerate(self.blocks):
+            call = AttentionCall(cos, sin, layer, cache, "block")
+            hidden = block(hidden, text_tokens, modulation, call)
+            if comp is None:
+                continue
+            if compressed_kv == "commit":
+                call = AttentionCall(c_cos, c_sin, layer, cache, "compressed")
+                comp = block(comp, text_tokens, modulation, call)
+            elif compressed_kv == "projection":
+                self._project_compressed(block, layer, comp, modulation, c_cos, c_sin, cache)
+            else:
+                raise ValueError(f"compressed_kv must be 'commit' or 'projection', got {compressed_kv!r}")
+        out = self.head(hidden, temb)
+        return self.unpatchify(out, frames, height, width).float()
+
+    def _project_compressed(self, block, layer, comp, modulation, cos, sin, cache):
+        """DESIGN §3.1 'projection': this layer's K/V of the compressed tokens straight from them."""
+        attn = block.attn1
+        shift, scale = (block.scale_shift_table + modulation.float()).chunk(6, dim=1)[:2]
+        x = (block.norm1(comp.float()) * (1 + scale) + shift).type_as(comp)
+        k = attn.norm_k(attn.to_k(x)).unflatten(2, (attn.heads, -1))
+        v = attn.to_v(x).unflatten(2, (attn.heads, -1))
+        cache.store_compressed(layer, self.rope3d.apply_tokens(k, cos, sin), v)
+
+    def forward_sequence(
+        self,
+        latents: torch.Tensor,
+        timestep: torch.Tensor,
+        text: torch.Tensor,
+        frame_positions: torch.Tensor | None = None,
+        frame_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """One pass over a whole sequence of latent frames.
+
+        latents [B, C, F, H, W]; timestep [B] or per frame [B, F]; frame_positions [F] temporal
+        RoPE positions (default 0..F-1); frame_mask [F, F] bool, True where frame i may attend
+        frame j (expanded to tokens). Returns the flow prediction [B, C, F, H, W].
+        """
+        self._install_processors()
+        b, _, frames, height, width = latents.shape
+        per_frame = self.token_grid(1, height, width)[1] * self.token_grid(1, height, width)[2]
+        if frame_positions is None:
+            frame_positions = torch.arange(frames, dtype=torch.float64)
+        cos, sin = self.grid_cos_sin(frame_positions, height, width)
+        if timestep.ndim == 2:
+            timestep = timestep.repeat_interleave(per_frame, dim=1)  # [B, N]
+        temb, modulation, text_tokens = self.conditions(timestep, text)
+        mask = None
+        if frame_mask is not None:
+            mask = frame_mask.repeat_interleave(per_frame, 0).repeat_interleave(per_frame, 1).to(self.device)
+        hidden = self.patchify(latents)
+        for layer, block in enumerate(self.blocks):
+            hidden = block(hidden, text_tokens, modulation, AttentionCall(cos, sin, layer, None, mask=mask))
+        out = self.head(hidden, temb)
+        return self.unpatchify(out, frames, height, width).float()
+
+
+def block_causal_mask(frames: int, block_frames: int) -> torch.Tensor:
+    """[F, F] bool: frame i attends frame j iff block(j) <= block(i)."""
+    blocks = torch.arange(frames) // block_frames
+    return blocks[None, :] <= blocks[:, None]

@@ -1,0 +1,195 @@
+"""The text-to-video pipeline: text encoder + causal transformer + cache policy + VAE + compressor.
+
+`Pipeline.stream` is the generator a UI iterates (one `BlockResult` per block, with decoded
+pixels); `Pipeline.generate` collects it into a uint8 video. Durations map to blocks as
+``num_blocks = max(1, round(seconds · fps / (4 · block_frames)))``: a block of B_f latent frames
+adds 4·B_f pixel frames (the first block 4·B_f − 3), so 5 s at 16 fps with 4-frame blocks is
+5 blocks = 20 latent frames = 77 pixel frames, and 120 s is 120 blocks = 1,917 pixel frames.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKLWan
+
+from .cache import CacheGeometry, make_policy
+from .compressor import Compressor
+from .configs import TINY
+from .model import CausalWanTransformer
+from .sampler import SamplerConfig, generate_blocks
+from .vae import WanVAE, tiny_vae_config
+
+DEFAULT_MAX_SECONDS = 120.0
+COMPRESSOR_MODES = ("lr", "hr", "both")
+
+
+class Pipeline:
+    """Everything needed to turn a prompt into a video, at one resolution."""
+
+    def __init__(
+        self,
+        transformer: CausalWanTransformer,
+        vae: WanVAE,
+        text_encoder,
+        compressor: Compressor | None = None,
+        height: int = 128,
+        width: int = 128,
+        fps: int = 16,
+        sampler: SamplerConfig | None = None,
+        name: str = "custom",
+        max_seconds: float = DEFAULT_MAX_SECONDS,
+    ):
+        self.transformer = transformer.eval()
+        self.vae = vae
+        self.text_encoder = text_encoder
+        self.dim = transformer.config.num_attention_heads * transformer.config.attention_head_dim
+        self.compressor = compressor.eval() if compressor is not None else Compressor(self.dim, mode="lr")
+        ratio = vae.spatial_ratio * 2  # VAE × patch
+        if height % ratio or width % ratio:
+            raise ValueError(f"height and width must be multiples of {ratio}, got {height}x{width}")
+        self.height, self.width, self.fps = height, width, fps
+        self.sampler = sampler or SamplerConfig()
+        self.name = name
+        self.max_seconds = max_seconds
+
+    # -- construction ------------------------------------------------------------------------
+    @classmethod
+    def tiny_random(cls, seed: int = 0, height: int = 128, width: int = 128) -> "Pipeline":
+        """A tiny pipeline of the real architecture with *random* weights (noise videos).
+
+        Stands in until the trained embedded model exists; useful for tests and benchmarks.
+        """
+        from .text import TinyTextEncoder
+        from .world import vocabulary
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            transformer = CausalWanTransformer(**TINY)
+            vae = WanVAE(AutoencoderKLWan(**tiny_vae_config()).eval())
+            dim = TINY["num_attention_heads"] * TINY["attention_head_dim"]
+            compressor = Compressor(dim, mode="both")
+        captions = [" ".join(vocabulary())]
+        text = TinyTextEncoder.build(captions, text_dim=TINY["text_dim"], seed=seed)
+        return cls(transformer, vae, text, compressor, height, width, name="tiny (random weights)")
+
+    @classmethod
+    def default(cls) -> "Pipeline":
+        """The embedded default model (see README). Currently: `tiny_random`."""
+        return cls.tiny_random()
+
+    # -- geometry ----------------------------------------------------------------------------
+    @property
+    def latent_hw(self) -> tuple[int, int]:
+        return self.height // self.vae.spatial_ratio, self.width // self.vae.spatial_ratio
+
+    @property
+    def block_frames(self) -> int:
+        return self.sampler.block_frames
+
+    def geometry(self, batch_size: int = 1) -> CacheGeometry:
+        cfg = self.transformer.config
+        _, gh, gw = self.transformer.token_grid(1, *self.latent_hw)
+        return CacheGeometry(
+            cfg.num_layers, cfg.num_attention_heads, cfg.attention_head_dim, self.block_frames, (gh, gw),
+            batch_size=batch_size, dtype=self.transformer.dtype, device=self.transformer.device,
+        )
+
+    def num_blocks(self, seconds: float) -> int:
+        """Blocks for a requested duration; raises ValueError outside (0, max_seconds]."""
+        try:
+            seconds = float(seconds)
+        except (TypeError, ValueError):
+            raise ValueError(f"duration must be a number of seconds, got {seconds!r}") from None
+        if not math.isfinite(seconds) or seconds <= 0:
+            raise ValueError(f"duration must be a positive number of seconds, got {seconds}")
+        if seconds > self.max_seconds:
+            raise ValueError(f"duration {seconds:g} s exceeds the maximum of {self.max_seconds:g} s")
+        return max(1, round(seconds * self.fps / (4 * self.block_frames)))
+
+    def compressor_for(self, mode: str | None) -> Compressor:
+        """The compressor in ``mode`` ('lr' = zero-shot, no trained weights; 'hr'/'both' need HR)."""
+        if mode is None or mode == self.compressor.mode:
+            return self.compressor
+        if mode not in COMPRESSOR_MODES:
+            raise ValueError(f"unknown compressor mode {mode!r}; choose from {COMPRESSOR_MODES}")
+        if mode != "lr" and self.compressor.hr is None:
+            raise ValueError(f"compressor mode {mode!r} needs HR-branch weights, which this model lacks")
+        alt = Compressor(self.dim, mode=mode, widths=self.compressor.widths).to(self.transformer.device).eval()
+        if alt.hr is not None:
+            alt.hr.load_state_dict(self.compressor.hr.state_dict())
+        return alt
+
+    def build_policy(self, name: str, recorder=None, compressor_mode: str | None = None, **options):
+        compressor = self.compressor_for(compressor_mode)
+        offsets = compressor.token_centres(self.block_frames, *self.latent_hw)[0]
+        return make_policy(name, self.geometry(), recorder=recorder, compressed_t_offsets=offsets, **options), compressor
+
+    # -- generation ----------------------------------------------------------------------------
+    def encode_prompt(self, prompt: str) -> torch.Tensor:
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError("prompt is empty")
+        return self.text_encoder.encode([prompt]).to(self.transformer.device)
+
+    def stream(
+        self,
+        prompt: str,
+        seconds: float = 5.0,
+        policy: str = "packforcing",
+        seed: int = 0,
+        recorder=None,
+        compressor_mode: str | None = None,
+        **policy_options,
+    ):
+        """Yield one `BlockResult` (latents + decoded pixels) per block. Validates everything first."""
+        num_blocks = self.num_blocks(seconds)
+        seed = check_seed(seed)
+        cache, compressor = self.build_policy(policy, recorder, compressor_mode, **policy_options)
+        text = self.encode_prompt(prompt)
+        if recorder is not None and recorder.enabled:
+            recorder.meta.update(
+                policy=policy, options=policy_options, compressor=compressor.mode, seed=seed, seconds=seconds,
+                fps=self.fps, block_frames=self.block_frames, model=self.name, prompt=prompt,
+            )
+        return generate_blocks(
+            self.transformer, text, cache, num_blocks, self.latent_hw, self.sampler, seed=seed,
+            decoder=self.vae.streaming_decoder(), compressor=compressor, vae=self.vae, recorder=recorder,
+        )
+
+    def generate(self, prompt: str, seconds: float = 5.0, **kwargs) -> np.ndarray:
+        """Whole video as uint8 [T, H, W, 3]."""
+        return np.concatenate([to_uint8(block.pixels) for block in self.stream(prompt, seconds, **kwargs)])
+
+
+def check_seed(seed) -> int:
+    """Seeds are integers in [0, 2**63)."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        if isinstance(seed, float) and seed.is_integer():
+            seed = int(seed)
+        else:
+            raise ValueError(f"seed must be an integer, got {seed!r}")
+    if not 0 <= int(seed) < 2**63:
+        raise ValueError(f"seed must be in [0, 2**63), got {seed}")
+    return int(seed)
+
+
+def to_uint8(pixels: torch.Tensor) -> np.ndarray:
+    """[1, 3, T, H, W] in [-1, 1] -> uint8 [T, H, W, 3]."""
+    x = ((pixels[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(1, 2, 3, 0).cpu().numpy()
+
+
+def write_video(frames: np.ndarray, path: str | Path, fps: int = 16) -> Path:
+    """Write uint8 [T, H, W, 3] to an H.264 mp4 with imageio-ffmpeg (no resizing)."""
+    import imageio.v2 as imageio
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with imageio.get_writer(path, fps=fps, codec="libx264", macro_block_size=1, quality=8,
+                            pixelformat="yuv420p") as writer:
+        for frame in frames:
+            writer.append_data(frame)
+    return path

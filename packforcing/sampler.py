@@ -1,0 +1,173 @@
+"""Chunked few-step sampler (Self-Forcing inference), as a Python generator.
+
+For every block of ``block_frames`` latent frames:
+
+1. start from Gaussian noise; for each timestep t of the warped schedule, predict the flow
+   v = model(x_t, t), take x0 = x_t − σ_t·v, and re-noise x0 to the next timestep with fresh noise
+   (x_{t'} = (1 − σ_{t'})·x0 + σ_{t'}·ε);
+2. decode the clean block with the streaming VAE decoder (yielded to the UI);
+3. if the cache policy compresses, compress the block (PackForcing);
+4. run the clean block once more at t = 0 (the *commit pass*) so every layer writes its clean K/V,
+   and let the policy commit it.
+
+σ_t = t / 1000. The schedule [1000, 750, 500, 250] warped with shift 5 is
+t' = 1000·s·σ/(1 + (s − 1)·σ) ≈ [1000, 937.5, 833.3, 625].
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+NUM_TRAIN_TIMESTEPS = 1000
+
+
+def warp_timesteps(steps, shift: float = 5.0, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> list[float]:
+    """Flow-matching shift: t -> T·s·σ/(1+(s−1)·σ) with σ = t/T."""
+    out = []
+    for t in steps:
+        sigma = t / num_train_timesteps
+        out.append(num_train_timesteps * shift * sigma / (1 + (shift - 1) * sigma))
+    return out
+
+
+@dataclass
+class SamplerConfig:
+    block_frames: int = 4  # latent frames per block (Self-Forcing's public checkpoint: 3)
+    denoising_steps: tuple[int, ...] = (1000, 750, 500, 250)
+    shift: float = 5.0
+    compressed_kv: str = "commit"  # how compressed tokens get per-layer K/V: "commit" | "projection"
+
+    @property
+    def timesteps(self) -> list[float]:
+        return warp_timesteps(self.denoising_steps, self.shift)
+
+
+@dataclass
+class BlockResult:
+    """One finished block. latents [B, C, F, h, w] (normalised); pixels [B, 3, n, H, W] in [-1, 1]."""
+
+    index: int
+    latents: torch.Tensor
+    pixels: torch.Tensor | None
+    seconds: float
+    phases: dict[str, float] = field(default_factory=dict)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _Timer:
+    def __init__(self, device, phases: dict):
+        self.device, self.phases = device, phases
+
+    def __call__(self, name):
+        timer = self
+
+        class _Ctx:
+            def __enter__(self):
+                _sync(timer.device)
+                self.t0 = time.perf_counter()
+
+            def __exit__(self, *exc):
+                _sync(timer.device)
+                timer.phases[name] = timer.phases.get(name, 0.0) + time.perf_counter() - self.t0
+
+        return _Ctx()
+
+
+@torch.no_grad()
+def generate_blocks(
+    model,
+    text: torch.Tensor,
+    policy,
+    num_blocks: int,
+    latent_hw: tuple[int, int],
+    config: SamplerConfig | None = None,
+    seed: int = 0,
+    decoder=None,
+    compressor=None,
+    vae=None,
+    recorder=None,
+):
+    """Yield a `BlockResult` per block. ``text`` [B, L, text_dim]; ``decoder`` a `StreamingDecoder`
+    (None = no pixels); ``compressor``/``vae`` used when ``policy.compresses``.
+
+    Same seed, same inputs -> same latents. Closing the generator (a Stop) releases the cache.
+    """
+    config = config or SamplerConfig()
+    if num_blocks <= 0:
+        raise ValueError(f"num_blocks must be positive, got {num_blocks}")
+    device = model.device
+    batch = text.shape[0]
+    frames, (h, w) = config.block_frames, latent_hw
+    shape = (batch, model.config.in_channels, frames, h, w)
+    timesteps = config.timesteps
+    generator = torch.Generator("cpu").manual_seed(int(seed))
+    if policy.compresses and compressor is None:
+        raise ValueError(f"policy {policy.name!r} needs a compressor")
+    if decoder is not None:
+        decoder.reset()
+    centres = compressor.token_centres(frames, h, w) if policy.compresses else None
+    policy.reset(num_blocks)
+    try:
+        for block in range(num_blocks):
+            phases: dict[str, float] = {}
+            timer = _Timer(device, phases)
+            t_block = time.perf_counter()
+            t_start = policy.begin_block(block)
+            x = torch.randn(shape, generator=generator).to(device)
+            with timer("denoise"):
+                for step, t in enumerate(timesteps):
+                    sigma = t / NUM_TRAIN_TIMESTEPS
+                    t_tensor = torch.full((batch,), t, device=device)
+                    flow = model.forward_block(x, t_tensor, text, policy, step=step, t_start=t_start)
+                    x0 = x - sigma * flow
+                    if step + 1 < len(timesteps):
+                        next_sigma = timesteps[step + 1] / NUM_TRAIN_TIMESTEPS
+                        noise = torch.randn(shape, generator=generator).to(device)
+                        x = (1 - next_sigma) * x0 + next_sigma * noise
+            pixels = None
+            if decoder is not None:
+                with timer("decode"):
+                    pixels = decoder.decode_block(x0)
+            tokens = positions = None
+            if policy.needs_compression(block):
+                with timer("compress"):
+                    tokens = compressor(
+                        x0, pixels=pixels, vae=vae, patch_embedding=model.patch_embedding, first_block=block == 0
+                    )
+                    t_c, h_c, w_c = centres
+                    positions = torch.stack([t_c + t_start, h_c, w_c], dim=-1)
+            with timer("commit"):
+                model.forward_block(
+                    x0, torch.zeros(batch, device=device), text, policy, step=len(timesteps), t_start=t_start,
+                    commit=True, compressed=tokens, compressed_positions=positions, compressed_kv=config.compressed_kv,
+                )
+                policy.commit()
+            seconds = time.perf_counter() - t_block
+            if recorder is not None and recorder.enabled:
+                for name, value in phases.items():
+                    recorder.phase(block, name, value)
+                recorder.block_done(
+                    block, seconds, (block + 1) * frames, _added_seconds(block, frames),
+                    policy.kv_tokens(), policy.kv_bytes(), _peak_memory(device),
+                )
+            yield BlockResult(block, x0, pixels, seconds, phases)
+    finally:
+        policy.release()
+
+
+def _added_seconds(block: int, block_frames: int, fps: int = 16) -> float:
+    """Seconds of video a block adds: 4·B_f pixel frames (4·B_f − 3 for the first block)."""
+    return (4 * block_frames - (3 if block == 0 else 0)) / fps
+
+
+def _peak_memory(device: torch.device) -> int | None:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return None
