@@ -1,0 +1,89 @@
+"""Shared fixtures: a tiny model and a synthetic driver that exercises cache policies without it."""
+
+from __future__ import annotations
+
+import zlib
+
+import pytest
+import torch
+
+from packforcing.cache import CacheGeometry
+from packforcing.configs import TINY
+from packforcing.model import CausalWanTransformer
+from packforcing.rope import Rope3D
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = CausalWanTransformer(**TINY).eval()
+    return model
+
+
+def tiny_geometry(block_frames=4, frame_hw=(2, 3), layers=2, heads=4, head_dim=32) -> CacheGeometry:
+    return CacheGeometry(layers, heads, head_dim, block_frames, frame_hw)
+
+
+class SyntheticDriver:
+    """Feeds a policy keys/values as the model would, from reproducible *un-rotated* tensors.
+
+    Block b, layer l has raw keys ``raw_key(b, l)`` [1, T, heads, d]; they are rotated at the
+    positions the policy gives (``t_start`` from `begin_block`, the spatial grid), exactly as the
+    attention processor does. Compressed tokens (N_c per block) likewise, at ``t_start + offset``.
+    """
+
+    def __init__(self, policy, steps: int = 2, compressed_hw=None):
+        self.policy, self.steps = policy, steps
+        g = policy.geometry
+        self.g = g
+        self.rope = Rope3D(g.head_dim)
+        self.t_starts: dict[int, float] = {}
+        self.compressed_hw = compressed_hw  # (h, w) positions [N_c] of compressed tokens
+
+    def raw(self, block: int, layer: int, kind: str, n: int) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(zlib.crc32(f"{block}/{layer}/{kind}".encode()))
+        return torch.randn(self.g.batch_size, n, self.g.num_heads, self.g.head_dim, generator=gen)
+
+    def block_positions(self, t_start: float) -> torch.Tensor:
+        return Rope3D.grid(self.g.block_frames, *self.g.frame_hw, t_start=t_start)
+
+    def compressed_positions(self, t_start: float) -> torch.Tensor:
+        t_off = self.policy.t_offsets
+        h, w = self.compressed_hw
+        return torch.stack([t_off + t_start, h, w], dim=-1)
+
+    def rotated(self, raw: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        cos, sin = self.rope.cos_sin(positions)
+        return self.rope.apply_tokens(raw, cos, sin)
+
+    def run_block(self, block: int, on_view=None):
+        p, g, T = self.policy, self.g, self.g.tokens_per_block
+        t_start = p.begin_block(block)
+        self.t_starts[block] = t_start
+        pos = self.block_positions(t_start)
+        for step in range(self.steps + 1):
+            commit = step == self.steps
+            p.begin_step(step, commit)
+            for layer in range(g.num_layers):
+                kind = "clean" if commit else f"noisy{step}"
+                k = self.rotated(self.raw(block, layer, "k" if commit else kind, T), pos)
+                q = self.rotated(self.raw(block, layer, "q" + kind, T), pos)
+                v = self.raw(block, layer, "v" if commit else "v" + kind, T)
+                keys, values = p.context_for(layer, q, k, v)
+                if on_view is not None:
+                    on_view(block, step, layer, keys, values)
+                if commit and p.needs_compression(block):
+                    n_c = len(p.t_offsets)
+                    cpos = self.compressed_positions(t_start)
+                    kc = self.rotated(self.raw(block, layer, "kc", n_c), cpos)
+                    qc = self.rotated(self.raw(block, layer, "qc", n_c), cpos)
+                    p.compressed_context_for(layer, qc, kc, self.raw(block, layer, "vc", n_c))
+        p.commit()
+
+    def rollout(self, num_blocks: int, on_view=None, after_block=None):
+        self.policy.reset(num_blocks)
+        for block in range(num_blocks):
+            self.run_block(block, on_view)
+            if after_block is not None:
+                after_block(block)

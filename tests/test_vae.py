@@ -1,0 +1,41 @@
+"""Streaming block decode equals a full decode of the same latents."""
+
+import pytest
+import torch
+from diffusers import AutoencoderKLWan
+
+from packforcing.vae import WanVAE, pixel_frames, tiny_vae_config
+
+
+@pytest.fixture(scope="module")
+def vae():
+    torch.manual_seed(0)
+    return WanVAE(AutoencoderKLWan(**tiny_vae_config()).eval())
+
+
+@pytest.mark.parametrize("block_frames", [3, 4])
+def test_streaming_decode_equals_full_decode(vae, block_frames):
+    latents = torch.randn(1, 16, 3 * block_frames, 4, 6)
+    full = vae.decode(latents)
+    decoder = vae.streaming_decoder()
+    parts = []
+    for start in range(0, latents.shape[2], block_frames):
+        parts.append(decoder.decode_block(latents[:, :, start : start + block_frames]))
+        vae.encode(torch.zeros(1, 3, 5, 32, 48))  # an encode in between must not disturb the decoder
+    assert parts[0].shape[2] == pixel_frames(block_frames, first=True)
+    assert all(p.shape[2] == pixel_frames(block_frames, first=False) for p in parts[1:])
+    torch.testing.assert_close(torch.cat(parts, dim=2), full, rtol=0, atol=1e-6)
+
+
+def test_reset_starts_a_new_video(vae):
+    latents = torch.randn(1, 16, 4, 4, 6)
+    decoder = vae.streaming_decoder()
+    first = decoder.decode_block(latents)
+    decoder.reset()
+    assert torch.equal(decoder.decode_block(latents), first)
+
+
+def test_encode_needs_1_plus_4k_frames(vae):
+    with pytest.raises(ValueError, match="1\\+4k"):
+        vae.encode(torch.zeros(1, 3, 8, 32, 32))
+    assert vae.encode(torch.zeros(1, 3, 9, 32, 32)).shape == (1, 16, 3, 4, 4)
