@@ -196,23 +196,42 @@ class CausalWanTransformer(WanTransformer3DModel):
         RoPE positions (default 0..F-1); frame_mask [F, F] bool, True where frame i may attend
         frame j (expanded to tokens). Returns the flow prediction [B, C, F, H, W].
         """
-        self._install_processors()
         b, _, frames, height, width = latents.shape
         per_frame = self.token_grid(1, height, width)[1] * self.token_grid(1, height, width)[2]
         if frame_positions is None:
             frame_positions = torch.arange(frames, dtype=torch.float64)
-        cos, sin = self.grid_cos_sin(frame_positions, height, width)
+        _, gh, gw = self.token_grid(1, height, width)
+        positions = Rope3D.grid(1, gh, gw).repeat(frames, 1)
+        positions[:, 0] = frame_positions.double().repeat_interleave(per_frame)
         if timestep.ndim == 2:
             timestep = timestep.repeat_interleave(per_frame, dim=1)  # [B, N]
-        temb, modulation, text_tokens = self.conditions(timestep, text)
         mask = None
         if frame_mask is not None:
-            mask = frame_mask.repeat_interleave(per_frame, 0).repeat_interleave(per_frame, 1).to(self.device)
-        hidden = self.patchify(latents)
+            mask = frame_mask.repeat_interleave(per_frame, 0).repeat_interleave(per_frame, 1)
+        out = self.forward_tokens(self.patchify(latents), positions, timestep, text, mask)
+        return self.unpatchify(out, frames, height, width).float()
+
+    def forward_tokens(
+        self,
+        hidden: torch.Tensor,
+        positions: torch.Tensor,
+        timestep: torch.Tensor,
+        text: torch.Tensor,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The layer loop over arbitrary tokens (e.g. patch tokens plus compressed tokens).
+
+        hidden [B, N, dim]; positions [N, 3] (t, h, w; fractional allowed); timestep [B] or
+        [B, N]; mask [N, N] bool (True = attend). Returns head outputs [B, N, C·p_t·p_h·p_w]
+        (`unpatchify` the patch-token part). Differentiable: used for training.
+        """
+        self._install_processors()
+        cos, sin = self.rope3d.cos_sin(positions, device=self.device)
+        temb, modulation, text_tokens = self.conditions(timestep, text)
+        mask = mask.to(self.device) if mask is not None else None
         for layer, block in enumerate(self.blocks):
             hidden = block(hidden, text_tokens, modulation, AttentionCall(cos, sin, layer, None, mask=mask))
-        out = self.head(hidden, temb)
-        return self.unpatchify(out, frames, height, width).float()
+        return self.head(hidden, temb)
 
 
 def block_causal_mask(frames: int, block_frames: int) -> torch.Tensor:

@@ -1,0 +1,768 @@
+"""The Studio's run logic, free of any UI: validation, a generation worker, policy comparison.
+
+`app.py` only wires Gradio components to what is here, so everything below is testable without
+a browser or a server:
+
+- :func:`validate_request` turns raw UI values into a :class:`RunRequest` or raises
+  :class:`StudioError` (a ``ValueError``) with a message meant for the user.
+- :func:`device_stream` is the GPU entry point (``@spaces.GPU`` with a duration estimated from
+  the requested length by :func:`gpu_duration`; a no-op off Hugging Face ZeroGPU). It yields
+  CPU-only, picklable :class:`DeviceBlock` values (uint8 frames + the trace rows added by the
+  block), because on ZeroGPU it runs in a forked process.
+- :class:`GenerationWorker` runs one generation in a thread and reports through a queue one
+  :class:`Update` per block (preview mp4 segment, progress, trace tables so far) and a final
+  one (full mp4 + trace as Parquet and CSV in a per-run temporary directory). :meth:`stop`
+  ends the run after the block in progress: the video produced so far is kept and the cache is
+  freed (closing the pipeline's generator releases it).
+- :class:`CompareRun` runs several policies with the same prompt, seed and duration, one after
+  the other.
+- :data:`RUNS` maps a UI session to its running worker, so a Stop click (another request)
+  reaches the generation of the same session.
+"""
+
+from __future__ import annotations
+
+# `spaces` must be imported before anything initialises CUDA (torch is imported below).
+import spaces  # noqa: I001
+
+import contextvars
+import dataclasses
+import inspect
+import logging
+import math
+import os
+import queue
+import random
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .cache import POLICIES
+from .pipeline import COMPRESSOR_MODES, DEFAULT_MAX_SECONDS, Pipeline, check_seed, to_uint8, write_video
+from .trace import TABLES, TraceRecorder, empty_tables, save_tables, summarize
+
+log = logging.getLogger(__name__)
+
+MIN_SECONDS = 5.0
+MAX_PROMPT_CHARS = 500
+MAX_SEED = 2**31 - 1  # what a random seed is drawn from (any seed in [0, 2**63) is accepted)
+POLICY_ORDER = ("packforcing", "sink_window", "window", "deep_sink", "full")
+RUNS_DIR_ENV = "PACKFORCING_RUNS_DIR"
+MAX_SECONDS_ENV = "PACKFORCING_MAX_SECONDS"
+RUN_DIR_PREFIX = "packforcing-run-"
+RUN_MAX_AGE_S = 6 * 3600  # per-run directories older than this are removed when a run starts
+
+# ZeroGPU duration estimate (seconds of GPU time requested per call).
+GPU_OVERHEAD_S = 20.0  # moving weights, warm-up, writing the video
+GPU_SECONDS_PER_BLOCK = 1.2  # Wan2.1-1.3B, 4-frame blocks, 4 steps + commit, on an H100/H200
+GPU_MARGIN = 1.5
+GPU_MAX_DURATION_S = 900
+
+
+class StudioError(ValueError):
+    """A bad input or an unavailable feature, with a message meant for the user."""
+
+
+# ---- models ------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class ModelChoice:
+    key: str
+    label: str
+    loader: Callable[[], Pipeline]
+    available: bool = True
+    note: str = ""
+
+
+MODELS: dict[str, ModelChoice] = {
+    "embedded": ModelChoice("embedded", "Embedded tiny model (runs on CPU)", Pipeline.default),
+}
+DEFAULT_MODEL = "embedded"
+CHECKPOINT_NOTE = (
+    "Wan2.1 / Self-Forcing checkpoints (a local path or a Hugging Face hub id) need a GPU Space "
+    "and are not wired into the Studio yet."
+)
+
+_PIPELINES: dict[str, Pipeline] = {}
+_PIPELINES_LOCK = threading.Lock()
+
+
+def model_choices() -> list[tuple[str, str]]:
+    """(label, key) pairs for a dropdown."""
+    return [(m.label, m.key) for m in MODELS.values() if m.available]
+
+
+def max_seconds() -> float:
+    """The duration limit: 120 s unless ``PACKFORCING_MAX_SECONDS`` says otherwise."""
+    raw = os.environ.get(MAX_SECONDS_ENV, "").strip()
+    if not raw:
+        return DEFAULT_MAX_SECONDS
+    try:
+        value = float(raw)
+    except ValueError:
+        log.warning("ignoring %s=%r: not a number", MAX_SECONDS_ENV, raw)
+        return DEFAULT_MAX_SECONDS
+    if not math.isfinite(value) or value < MIN_SECONDS:
+        log.warning("ignoring %s=%r: must be a number >= %g", MAX_SECONDS_ENV, raw, MIN_SECONDS)
+        return DEFAULT_MAX_SECONDS
+    return value
+
+
+def get_pipeline(model: str = DEFAULT_MODEL) -> Pipeline:
+    """The (cached) pipeline of a model key; its duration limit follows :func:`max_seconds`."""
+    choice = MODELS.get(model)
+    if choice is None or not choice.available:
+        raise StudioError(f"unknown model {model!r}; available: {[m for m, _ in model_choices()]}")
+    with _PIPELINES_LOCK:
+        pipe = _PIPELINES.get(model)
+        if pipe is None:
+            try:
+                pipe = choice.loader()
+            except FileNotFoundError as err:
+                raise StudioError(f"model {choice.label!r}: weights not found ({err})") from err
+            _PIPELINES[model] = pipe
+    pipe.max_seconds = max_seconds()
+    return pipe
+
+
+# ---- policies and their knobs ------------------------------------------------------------------
+def policy_names() -> list[str]:
+    """Registered cache policies (`packforcing.cache.POLICIES`), in a friendly order."""
+    known = [p for p in POLICY_ORDER if p in POLICIES]
+    return known + sorted(set(POLICIES) - set(known))
+
+
+def policy_compresses(policy: str) -> bool:
+    return bool(getattr(POLICIES.get(policy), "compresses", False))
+
+
+@dataclasses.dataclass(frozen=True)
+class KnobSpec:
+    """How to present one policy option. ``kind``: int | float | bool | choice | text."""
+
+    name: str
+    kind: str
+    label: str
+    info: str = ""
+    minimum: float | None = None
+    maximum: float | None = None
+    step: float | None = None
+    choices: tuple[str, ...] = ()
+
+
+def _known_specs() -> dict[str, KnobSpec]:
+    from .cache.packforcing import MID_SPANS, SCOPES, SELECTIONS
+
+    frames = "latent frames, a multiple of the block (4)"
+    specs = [
+        KnobSpec("sink_frames", "int", "Sink frames", f"first frames kept at full resolution, never evicted ({frames})",
+                 0, 64, 4),
+        KnobSpec("window_frames", "int", "Window frames", f"most recent frames kept at full resolution ({frames})",
+                 4, 128, 4),
+        KnobSpec("recent_frames", "int", "Recent frames", f"newest frames kept at full resolution ({frames})",
+                 4, 32, 4),
+        KnobSpec("top_k", "int", "Top-k mid blocks", "compressed mid blocks attended per generation block",
+                 0, 64, 1),
+        KnobSpec("archive_blocks", "int", "Mid archive (blocks)", "compressed mid blocks stored, FIFO beyond it",
+                 1, 512, 1),
+        KnobSpec("selection", "choice", "Mid selection", "topk = paper's scores; recency = the k newest (ablation)",
+                 choices=tuple(SELECTIONS)),
+        KnobSpec("scope", "choice", "Selection scope", "each layer selects, or one selection shared by all layers",
+                 choices=tuple(SCOPES)),
+        KnobSpec("score_queries", "int", "Scoring queries", "query tokens sampled for the top-k scores",
+                 16, 4096, 16),
+        KnobSpec("rope_adjust", "bool", "Temporal RoPE adjustment",
+                 "re-position kept blocks contiguously (off = absolute positions, the ablation)"),
+        KnobSpec("mid_span", "choice", "Mid-span mode", "temporal positions one mid block occupies after adjustment",
+                 choices=tuple(MID_SPANS)),
+    ]
+    return {s.name: s for s in specs}
+
+
+KNOB_SPECS = _known_specs()
+_SKIPPED_PARAMS = {"self", "geometry", "recorder", "compressed_t_offsets"}
+_HIDDEN_KNOBS = {"archive_device"}
+
+
+def _config_class(cls) -> type | None:
+    """The config dataclass of a policy that takes ``config=`` (e.g. PackForcingConfig)."""
+    explicit = getattr(cls, "config_class", None)
+    if dataclasses.is_dataclass(explicit):
+        return explicit
+    try:
+        import typing
+
+        hint = typing.get_type_hints(cls.__init__).get("config")
+        for candidate in (hint, *getattr(hint, "__args__", ())):
+            if dataclasses.is_dataclass(candidate):
+                return candidate
+    except Exception:  # unresolvable annotations: fall through to the naming convention
+        pass
+    module = inspect.getmodule(cls)
+    name = cls.__name__.removesuffix("Cache") + "Config"
+    candidate = getattr(module, name, None)
+    return candidate if dataclasses.is_dataclass(candidate) else None
+
+
+def policy_knobs(policy: str) -> dict[str, Any]:
+    """The options a policy accepts, with their defaults (introspected, so new policies work)."""
+    cls = POLICIES.get(policy)
+    if cls is None:
+        raise StudioError(f"unknown cache policy {policy!r}; choose from {policy_names()}")
+    knobs: dict[str, Any] = {}
+    for param in inspect.signature(cls.__init__).parameters.values():
+        if param.name in _SKIPPED_PARAMS or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            continue
+        if param.name == "config":
+            config = _config_class(cls)
+            if config is not None:
+                for f in dataclasses.fields(config):
+                    if f.default is not dataclasses.MISSING:
+                        knobs[f.name] = f.default
+                    elif f.default_factory is not dataclasses.MISSING:
+                        knobs[f.name] = f.default_factory()
+            continue
+        if param.default is not param.empty:
+            knobs[param.name] = param.default
+    return {k: v for k, v in knobs.items() if k not in _HIDDEN_KNOBS and _knob_kind(v) is not None}
+
+
+def _knob_kind(value) -> str | None:
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, int):
+        return "int"
+    if isinstance(value, float):
+        return "float"
+    if isinstance(value, str):
+        return "text"
+    return None
+
+
+def knob_specs() -> dict[str, KnobSpec]:
+    """A spec for every knob of every registered policy (union, in a stable order)."""
+    out: dict[str, KnobSpec] = {}
+    for policy in policy_names():
+        for name, default in policy_knobs(policy).items():
+            if name not in out:
+                out[name] = KNOB_SPECS.get(name) or KnobSpec(
+                    name, _knob_kind(default), name.replace("_", " ").capitalize())
+    order = list(KNOB_SPECS)
+    return dict(sorted(out.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
+
+
+def _coerce_knob(policy: str, name: str, value, default):
+    what = f"{policy}: {KNOB_SPECS[name].label if name in KNOB_SPECS else name}"
+    kind = _knob_kind(default)
+    if value is None:
+        return default
+    if kind == "bool":
+        if isinstance(value, (bool, np.bool_)):
+            return bool(value)
+        raise StudioError(f"{what} must be true or false, got {value!r}")
+    if kind in ("int", "float"):
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+            try:
+                value = float(str(value).strip())
+            except ValueError:
+                raise StudioError(f"{what} must be a number, got {value!r}") from None
+        value = float(value)
+        if not math.isfinite(value):
+            raise StudioError(f"{what} must be a finite number, got {value}")
+        if kind == "int":
+            if not value.is_integer():
+                raise StudioError(f"{what} must be a whole number, got {value:g}")
+            value = int(value)
+        spec = KNOB_SPECS.get(name)
+        if spec is not None and spec.minimum is not None and value < spec.minimum:
+            raise StudioError(f"{what} must be at least {spec.minimum:g}, got {value:g}")
+        if spec is not None and spec.maximum is not None and value > spec.maximum:
+            raise StudioError(f"{what} must be at most {spec.maximum:g}, got {value:g}")
+        return value
+    value = str(value)
+    spec = KNOB_SPECS.get(name)
+    if spec is not None and spec.choices and value not in spec.choices:
+        raise StudioError(f"{what} must be one of {list(spec.choices)}, got {value!r}")
+    return value
+
+
+# ---- requests ------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class RunRequest:
+    """A validated generation request (picklable: it crosses into the GPU process on ZeroGPU)."""
+
+    prompt: str
+    seconds: float
+    seed: int
+    policy: str
+    options: Mapping[str, Any]
+    compressor_mode: str | None
+    model: str
+    num_blocks: int
+    fps: int
+
+    def with_policy(self, policy: str, options: Mapping[str, Any] | None = None) -> RunRequest:
+        return validate_request(self.prompt, self.seconds, self.seed, policy, options or {},
+                                self.compressor_mode, self.model)
+
+    @property
+    def label(self) -> str:
+        return f"{self.policy}, seed {self.seed}, {self.seconds:g} s"
+
+
+def random_seed() -> int:
+    return random.SystemRandom().randint(0, MAX_SEED)
+
+
+def prompt_warning(prompt: str, model: str = DEFAULT_MODEL) -> str | None:
+    """A non-fatal note about a prompt (e.g. words the embedded tiny world does not know)."""
+    if model != "embedded" or not isinstance(prompt, str) or not prompt.strip():
+        return None
+    from .world.captions import parse_caption
+
+    try:
+        parse_caption(prompt)
+    except ValueError as err:
+        return f"The embedded tiny-world model only knows simple scenes; {err}"
+    return None
+
+
+def validate_request(
+    prompt,
+    seconds,
+    seed,
+    policy: str,
+    options: Mapping[str, Any] | None = None,
+    compressor_mode: str | None = None,
+    model: str = DEFAULT_MODEL,
+    randomize_seed: bool = False,
+) -> RunRequest:
+    """Check raw UI values; raise :class:`StudioError` with a clear message on the first bad one.
+
+    ``options`` may hold knobs of other policies (a UI sends all of them): only the knobs the
+    chosen policy accepts are kept. The policy is built once (no allocation) so that option
+    errors (e.g. frames that are not whole blocks) surface before the run starts.
+    """
+    if prompt is None or (isinstance(prompt, str) and not prompt.strip()):
+        raise StudioError("Please enter a prompt: it is empty.")
+    if not isinstance(prompt, str):
+        raise StudioError(f"The prompt must be text, got {type(prompt).__name__}.")
+    prompt = " ".join(prompt.split())
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise StudioError(f"The prompt is too long ({len(prompt)} characters; at most {MAX_PROMPT_CHARS}).")
+    limit = max_seconds()
+    try:
+        seconds = float(seconds)
+    except (TypeError, ValueError):
+        raise StudioError(f"The duration must be a number of seconds, got {seconds!r}.") from None
+    if not math.isfinite(seconds) or not MIN_SECONDS <= seconds <= limit:
+        raise StudioError(
+            f"The duration must be between {MIN_SECONDS:g} and {limit:g} seconds, got {seconds:g}."
+            + ("" if seconds <= limit or not math.isfinite(seconds)
+               else f" Longer videos can be enabled with the {MAX_SECONDS_ENV} setting."))
+    if randomize_seed:
+        seed = random_seed()
+    try:
+        if isinstance(seed, str):
+            seed = float(seed.strip())
+        if isinstance(seed, (float, np.floating)) and float(seed).is_integer():
+            seed = int(seed)
+        seed = check_seed(seed)
+    except (TypeError, ValueError):
+        raise StudioError(f"The seed must be a whole number between 0 and 2^63 - 1, got {seed!r}.") from None
+    if policy not in POLICIES:
+        raise StudioError(f"Unknown cache policy {policy!r}; choose from {policy_names()}.")
+    defaults = policy_knobs(policy)
+    chosen = {k: _coerce_knob(policy, k, v, defaults[k]) for k, v in (options or {}).items() if k in defaults}
+    if compressor_mode is not None and compressor_mode not in COMPRESSOR_MODES:
+        raise StudioError(f"Unknown compressor branch {compressor_mode!r}; choose from {list(COMPRESSOR_MODES)}.")
+    if not policy_compresses(policy):
+        compressor_mode = None
+    pipe = get_pipeline(model)
+    try:
+        num_blocks = pipe.num_blocks(seconds)
+        pipe.build_policy(policy, None, compressor_mode, **chosen)
+    except (TypeError, ValueError) as err:
+        raise StudioError(f"Cache policy {policy!r}: {err}") from None
+    return RunRequest(prompt, seconds, seed, policy, dict(chosen), compressor_mode, model, num_blocks, pipe.fps)
+
+
+def gpu_duration(seconds: float, per_block: float = GPU_SECONDS_PER_BLOCK, overhead: float = GPU_OVERHEAD_S,
+                 block_seconds: float = 1.0) -> int:
+    """ZeroGPU seconds to request for a video of ``seconds``: overhead + blocks × per-block time × margin.
+
+    ``block_seconds`` is the video one block adds (4 latent frames = 16 pixel frames at 16 fps = 1 s).
+    5 s -> 29 s, 60 s -> 128 s, 120 s -> 236 s (capped at 900 s).
+    """
+    blocks = max(1, math.ceil(float(seconds) / block_seconds))
+    return int(min(GPU_MAX_DURATION_S, math.ceil(overhead + blocks * per_block * GPU_MARGIN)))
+
+
+def _request_duration(request: RunRequest, *args, **kwargs) -> int:
+    return gpu_duration(request.seconds)
+
+
+# ---- the GPU entry point -----------------------------------------------------------------------
+@dataclasses.dataclass
+class DeviceBlock:
+    """One finished block as CPU values: uint8 frames [n, H, W, 3] and the trace rows it added."""
+
+    index: int
+    frames: np.ndarray
+    seconds: float
+    tables: dict[str, pd.DataFrame]
+    meta: dict
+
+
+@spaces.GPU(duration=_request_duration)
+def device_stream(request: RunRequest) -> Iterator[DeviceBlock]:
+    """Generate ``request`` block by block (the function that holds the GPU on ZeroGPU).
+
+    Closing this generator stops the run and frees the KV cache.
+    """
+    pipe = get_pipeline(request.model)
+    recorder = TraceRecorder()
+    blocks = pipe.stream(request.prompt, request.seconds, request.policy, request.seed, recorder,
+                         request.compressor_mode, **request.options)
+    sent = dict.fromkeys(TABLES, 0)
+    try:
+        for block in blocks:
+            tables = recorder.tables()
+            delta = {name: df.iloc[sent[name]:].reset_index(drop=True) for name, df in tables.items()}
+            sent = {name: len(df) for name, df in tables.items()}
+            yield DeviceBlock(block.index, to_uint8(block.pixels), block.seconds, delta, dict(recorder.meta))
+    finally:
+        blocks.close()
+
+
+# ---- trace accumulation ------------------------------------------------------------------------
+class TableAccumulator:
+    """Trace tables grown from per-block row deltas; :meth:`tables` concatenates lazily."""
+
+    def __init__(self):
+        self._parts: dict[str, list[pd.DataFrame]] = {name: [] for name in TABLES}
+        self._cache: dict[str, pd.DataFrame] | None = None
+
+    def add(self, delta: Mapping[str, pd.DataFrame]) -> None:
+        for name, df in delta.items():
+            if name in self._parts and len(df):
+                self._parts[name].append(df)
+        self._cache = None
+
+    def tables(self) -> dict[str, pd.DataFrame]:
+        if self._cache is None:
+            empty = empty_tables()
+            self._cache = {name: (pd.concat(parts, ignore_index=True) if parts else empty[name])
+                           for name, parts in self._parts.items()}
+        return dict(self._cache)
+
+
+# ---- the worker --------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Update:
+    """A message from a worker. ``kind``: "block" (one per block), then "done" or "error" (final)."""
+
+    kind: str
+    request: RunRequest
+    blocks_done: int = 0
+    total_blocks: int = 0
+    frames_done: int = 0
+    video_seconds: float = 0.0
+    elapsed: float = 0.0
+    kv_bytes: int | None = None
+    segment: Path | None = None  # mp4 of the latest block (preview)
+    last_frame: np.ndarray | None = None
+    tables: dict[str, pd.DataFrame] = dataclasses.field(default_factory=empty_tables)
+    meta: dict = dataclasses.field(default_factory=dict)
+    video: Path | None = None  # final (possibly partial) mp4
+    trace_files: list[Path] = dataclasses.field(default_factory=list)
+    stopped: bool = False
+    message: str | None = None
+
+    @property
+    def final(self) -> bool:
+        return self.kind in ("done", "error")
+
+    @property
+    def fps(self) -> float:
+        """Generated video frames per wall-clock second."""
+        return self.frames_done / self.elapsed if self.elapsed > 0 else 0.0
+
+    @property
+    def kv_mb(self) -> float | None:
+        return None if self.kv_bytes is None else self.kv_bytes / 2**20
+
+    @property
+    def fraction(self) -> float:
+        return self.blocks_done / self.total_blocks if self.total_blocks else 0.0
+
+    def progress_text(self) -> str:
+        parts = [f"block {self.blocks_done}/{self.total_blocks}",
+                 f"{self.video_seconds:.1f} s of video",
+                 f"{self.fps:.1f} frames/s"]
+        if self.kv_mb is not None:
+            parts.append(f"KV cache {self.kv_mb:,.2f} MB")
+        return " · ".join(parts)
+
+    def summary(self) -> dict:
+        return summarize(self.tables, self.meta)
+
+
+_RUN_LOCK = threading.Lock()  # one generation at a time per process (one GPU)
+
+
+def runs_root() -> Path:
+    root = Path(os.environ.get(RUNS_DIR_ENV) or tempfile.gettempdir())
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def new_run_dir() -> Path:
+    """A fresh per-run temporary directory (old ones are cleaned up)."""
+    root = runs_root()
+    cleanup_runs(root)
+    return Path(tempfile.mkdtemp(prefix=RUN_DIR_PREFIX, dir=root))
+
+
+def cleanup_runs(root: Path | None = None, max_age_s: float = RUN_MAX_AGE_S) -> int:
+    """Remove per-run directories older than ``max_age_s``; returns how many were removed."""
+    root = Path(root or runs_root())
+    now, removed = time.time(), 0
+    for path in root.glob(RUN_DIR_PREFIX + "*"):
+        try:
+            if path.is_dir() and now - path.stat().st_mtime > max_age_s:
+                shutil.rmtree(path, ignore_errors=True)
+                removed += 1
+        except OSError:
+            continue
+    return removed
+
+
+class GenerationWorker:
+    """Runs one generation in a thread; :meth:`updates` yields its :class:`Update` messages.
+
+    Usage::
+
+        worker = GenerationWorker(validate_request(...)).start()
+        for update in worker.updates():
+            ...            # "block" updates, then one final "done"/"error"
+        worker.stop()      # from anywhere: ends the run after the block in progress
+    """
+
+    def __init__(self, request: RunRequest, run_dir: str | Path | None = None, *, segments: bool = True,
+                 stream_fn: Callable[[RunRequest], Iterator[DeviceBlock]] | None = None):
+        self.request = request
+        self.run_dir = Path(run_dir) if run_dir is not None else new_run_dir()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.segments = segments
+        self._stream_fn = stream_fn or device_stream
+        self._queue: queue.Queue[Update] = queue.Queue()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.final: Update | None = None
+
+    # -- control -------------------------------------------------------------------------------
+    def start(self) -> GenerationWorker:
+        if self._thread is not None:
+            raise RuntimeError("a worker runs once")
+        ctx = contextvars.copy_context()  # ZeroGPU reads the Gradio request from context variables
+        self._thread = threading.Thread(target=ctx.run, args=(self._run,), daemon=True,
+                                        name=f"packforcing-{self.request.policy}")
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Ask the run to end after the block in progress (keeps the video so far)."""
+        self._stop.set()
+
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop.is_set()
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def join(self, timeout: float | None = None) -> bool:
+        if self._thread is not None:
+            self._thread.join(timeout)
+        return not self.running
+
+    def updates(self, timeout: float | None = None) -> Iterator[Update]:
+        """Yield updates until the final one (``timeout``: max seconds to wait for each)."""
+        if self._thread is None:
+            self.start()
+        while True:
+            try:
+                update = self._queue.get(timeout=timeout)
+            except queue.Empty:
+                raise TimeoutError(f"no update from the generation worker within {timeout} s") from None
+            yield update
+            if update.final:
+                return
+
+    def run(self, timeout: float | None = None) -> Update:
+        """Start (if needed), wait for the end, return the final update."""
+        for update in self.updates(timeout):
+            pass
+        return update
+
+    # -- the thread ------------------------------------------------------------------------------
+    def _run(self) -> None:
+        req = self.request
+        tables, frames, meta = TableAccumulator(), [], {}
+        base = dict(request=req, total_blocks=req.num_blocks)
+        t0 = time.perf_counter()
+        stopped = False
+        try:
+            with _RUN_LOCK:
+                t0 = time.perf_counter()
+                gen = self._stream_fn(req)
+                try:
+                    for item in gen:
+                        frames.append(item.frames)
+                        tables.add(item.tables)
+                        meta = item.meta or meta
+                        segment = None
+                        if self.segments:
+                            segment = write_video(item.frames, self.run_dir / f"segment_{item.index:04d}.mp4",
+                                                  fps=req.fps)
+                        snapshot = tables.tables()
+                        blocks = snapshot["blocks"]
+                        self._queue.put(Update(
+                            "block", blocks_done=item.index + 1, frames_done=sum(len(f) for f in frames),
+                            video_seconds=sum(len(f) for f in frames) / req.fps, elapsed=time.perf_counter() - t0,
+                            kv_bytes=int(blocks["kv_bytes"].iloc[-1]) if len(blocks) else None,
+                            segment=segment, last_frame=item.frames[-1], tables=snapshot, meta=meta, **base))
+                        if self._stop.is_set():
+                            stopped = item.index + 1 < req.num_blocks
+                            break
+                finally:
+                    gen.close()  # a Stop (or an error) frees the cache here
+                elapsed = time.perf_counter() - t0
+                final = self._finish("done", frames, tables, meta, elapsed, base, stopped=stopped)
+        except Exception as err:  # reported to the UI, never raised in the thread
+            log.exception("generation failed")
+            elapsed = time.perf_counter() - t0
+            try:
+                final = self._finish("error", frames, tables, meta, elapsed, base, message=str(err) or repr(err))
+            except Exception as err2:  # writing the partial results failed too
+                final = Update("error", message=f"{err}; saving the partial video failed: {err2}", **base)
+        self.final = final
+        self._queue.put(final)
+
+    def _finish(self, kind, frames, tables, meta, elapsed, base, stopped=False, message=None) -> Update:
+        snapshot = tables.tables()
+        video, trace_files = None, []
+        if frames:
+            video = write_video(np.concatenate(frames), self.run_dir / "video.mp4", fps=self.request.fps)
+        if frames or kind == "done":
+            meta = dict(meta, stopped=stopped, **({"error": message} if message else {}))
+            trace_files = [save_tables(snapshot, self.run_dir / f"trace.{ext}", meta) for ext in ("parquet", "csv")]
+        blocks = snapshot["blocks"]
+        n = sum(len(f) for f in frames)
+        return Update(kind, blocks_done=len(frames), frames_done=n, video_seconds=n / self.request.fps,
+                      elapsed=elapsed, kv_bytes=int(blocks["kv_bytes"].iloc[-1]) if len(blocks) else None,
+                      last_frame=frames[-1][-1] if frames else None, tables=snapshot, meta=meta, video=video,
+                      trace_files=trace_files, stopped=stopped, message=message, **base)
+
+
+def run_generation(request: RunRequest, run_dir: str | Path | None = None, **kwargs) -> Update:
+    """Blocking convenience: run ``request`` to the end and return the final update."""
+    return GenerationWorker(request, run_dir, **kwargs).run()
+
+
+# ---- comparison --------------------------------------------------------------------------------
+class CompareRun:
+    """Several policies, same prompt / seed / duration, run one after the other.
+
+    ``options`` gives knobs per policy (missing policies use their defaults). :meth:`updates`
+    yields ``(policy, Update)`` pairs; :attr:`results` maps each finished policy to its final
+    update. :meth:`stop` stops the run in progress and skips the remaining policies.
+    """
+
+    def __init__(self, base: RunRequest, policies, options: Mapping[str, Mapping[str, Any]] | None = None,
+                 run_dir: str | Path | None = None, segments: bool = False):
+        chosen = list(dict.fromkeys(policies or []))
+        if len(chosen) < 2:
+            raise StudioError("Select at least two cache policies to compare.")
+        options = options or {}
+        self.requests = {p: base.with_policy(p, options.get(p)) for p in chosen}
+        self.run_dir = Path(run_dir) if run_dir is not None else new_run_dir()
+        self.segments = segments
+        self.results: dict[str, Update] = {}
+        self._stop = threading.Event()
+        self._current: GenerationWorker | None = None
+
+    @property
+    def policies(self) -> list[str]:
+        return list(self.requests)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._current is not None:
+            self._current.stop()
+
+    def updates(self, timeout: float | None = None) -> Iterator[tuple[str, Update]]:
+        for policy, request in self.requests.items():
+            if self._stop.is_set():
+                break
+            worker = GenerationWorker(request, self.run_dir / policy, segments=self.segments)
+            self._current = worker
+            if self._stop.is_set():
+                worker.stop()
+            try:
+                for update in worker.updates(timeout):
+                    if update.final:
+                        self.results[policy] = update
+                    yield policy, update
+            finally:
+                worker.stop()
+                self._current = None
+
+    def blocks_by_policy(self, latest: Mapping[str, Update] | None = None) -> dict[str, pd.DataFrame]:
+        runs = dict(self.results)
+        runs.update({k: v for k, v in (latest or {}).items() if k not in runs})
+        return {p: u.tables["blocks"] for p, u in runs.items()}
+
+
+# ---- session registry (Stop) -------------------------------------------------------------------
+class RunRegistry:
+    """Session key -> its running worker (or comparison), so a Stop request can reach it."""
+
+    def __init__(self):
+        self._runs: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    def register(self, key: str, run) -> None:
+        with self._lock:
+            previous = self._runs.get(key)
+            self._runs[key] = run
+        if previous is not None and previous is not run:
+            previous.stop()
+
+    def unregister(self, key: str, run) -> None:
+        with self._lock:
+            if self._runs.get(key) is run:
+                del self._runs[key]
+
+    def stop(self, key: str) -> bool:
+        """Stop the session's run; False when nothing was running."""
+        with self._lock:
+            run = self._runs.get(key)
+        if run is None:
+            return False
+        run.stop()
+        return True
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._runs
+
+
+RUNS = RunRegistry()
