@@ -169,6 +169,8 @@ def _known_specs() -> dict[str, KnobSpec]:
                  4, 32, 4),
         KnobSpec("top_k", "int", "Top-k mid blocks", "compressed mid blocks attended per generation block",
                  0, 64, 1),
+        KnobSpec("keep_tokens", "int", "Kept middle tokens",
+                 "tokens kept by attention score between sink and recent (empty = automatic: two blocks)", 0),
         KnobSpec("archive_blocks", "int", "Mid archive (blocks)", "compressed mid blocks stored, FIFO beyond it",
                  1, 512, 1),
         KnobSpec("selection", "choice", "Mid selection", "topk = paper's scores; recency = the k newest (ablation)",
@@ -210,12 +212,25 @@ def _config_class(cls) -> type | None:
     return candidate if dataclasses.is_dataclass(candidate) else None
 
 
-def policy_knobs(policy: str) -> dict[str, Any]:
-    """The options a policy accepts, with their defaults (introspected, so new policies work)."""
+def _annotation_kind(annotation, default) -> str | None:
+    """The knob kind of a parameter: from its default, else from its (possibly string) annotation."""
+    kind = _knob_kind(default)
+    if kind is not None or default is not None:
+        return kind
+    text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
+    text = str(text).replace("typing.", "").replace("Optional", "")
+    for word, kind in (("bool", "bool"), ("int", "int"), ("float", "float"), ("str", "text")):
+        if word in text.replace("|", " ").replace("[", " ").replace("]", " ").split():
+            return kind
+    return None
+
+
+def _introspect(policy: str) -> dict[str, tuple[Any, str]]:
+    """name -> (default, kind) for every option a policy accepts (``__init__`` or config dataclass)."""
     cls = POLICIES.get(policy)
     if cls is None:
         raise StudioError(f"unknown cache policy {policy!r}; choose from {policy_names()}")
-    knobs: dict[str, Any] = {}
+    knobs: dict[str, tuple[Any, str | None]] = {}
     for param in inspect.signature(cls.__init__).parameters.values():
         if param.name in _SKIPPED_PARAMS or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
             continue
@@ -224,13 +239,23 @@ def policy_knobs(policy: str) -> dict[str, Any]:
             if config is not None:
                 for f in dataclasses.fields(config):
                     if f.default is not dataclasses.MISSING:
-                        knobs[f.name] = f.default
+                        default = f.default
                     elif f.default_factory is not dataclasses.MISSING:
-                        knobs[f.name] = f.default_factory()
+                        default = f.default_factory()
+                    else:
+                        continue
+                    knobs[f.name] = (default, _annotation_kind(f.type, default))
             continue
         if param.default is not param.empty:
-            knobs[param.name] = param.default
-    return {k: v for k, v in knobs.items() if k not in _HIDDEN_KNOBS and _knob_kind(v) is not None}
+            knobs[param.name] = (param.default, _annotation_kind(param.annotation, param.default))
+    return {k: (d, kind) for k, (d, kind) in knobs.items() if k not in _HIDDEN_KNOBS and kind is not None}
+
+
+def policy_knobs(policy: str) -> dict[str, Any]:
+    """The options a policy accepts, with their defaults (introspected, so new policies work).
+
+    A default of None means "automatic" (e.g. deep_sink's ``keep_tokens``)."""
+    return {name: default for name, (default, _) in _introspect(policy).items()}
 
 
 def _knob_kind(value) -> str | None:
@@ -249,18 +274,16 @@ def knob_specs() -> dict[str, KnobSpec]:
     """A spec for every knob of every registered policy (union, in a stable order)."""
     out: dict[str, KnobSpec] = {}
     for policy in policy_names():
-        for name, default in policy_knobs(policy).items():
+        for name, (_, kind) in _introspect(policy).items():
             if name not in out:
-                out[name] = KNOB_SPECS.get(name) or KnobSpec(
-                    name, _knob_kind(default), name.replace("_", " ").capitalize())
+                out[name] = KNOB_SPECS.get(name) or KnobSpec(name, kind, name.replace("_", " ").capitalize())
     order = list(KNOB_SPECS)
     return dict(sorted(out.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
 
 
-def _coerce_knob(policy: str, name: str, value, default):
+def _coerce_knob(policy: str, name: str, value, default, kind: str):
     what = f"{policy}: {KNOB_SPECS[name].label if name in KNOB_SPECS else name}"
-    kind = _knob_kind(default)
-    if value is None:
+    if value is None or (isinstance(value, str) and not value.strip() and kind != "text"):
         return default
     if kind == "bool":
         if isinstance(value, (bool, np.bool_)):
@@ -378,8 +401,9 @@ def validate_request(
         raise StudioError(f"The seed must be a whole number between 0 and 2^63 - 1, got {seed!r}.") from None
     if policy not in POLICIES:
         raise StudioError(f"Unknown cache policy {policy!r}; choose from {policy_names()}.")
-    defaults = policy_knobs(policy)
-    chosen = {k: _coerce_knob(policy, k, v, defaults[k]) for k, v in (options or {}).items() if k in defaults}
+    accepted = _introspect(policy)
+    chosen = {k: _coerce_knob(policy, k, v, *accepted[k]) for k, v in (options or {}).items() if k in accepted}
+    chosen = {k: v for k, v in chosen.items() if v is not None}  # None = the policy's automatic default
     if compressor_mode is not None and compressor_mode not in COMPRESSOR_MODES:
         raise StudioError(f"Unknown compressor branch {compressor_mode!r}; choose from {list(COMPRESSOR_MODES)}.")
     if not policy_compresses(policy):

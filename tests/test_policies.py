@@ -97,3 +97,45 @@ def test_release_frees_buffers():
 
 def test_registry_lists_the_policies():
     assert {"full", "window", "sink_window", "packforcing"} <= set(POLICIES)
+
+
+def test_deep_sink_bounded_and_realigned():
+    """deep_sink: token budget holds over 60 blocks, kept tokens sit before recent, fresh-rotation exact."""
+    geometry = tiny_geometry(B, frame_hw=(2, 2))
+    policy = make_policy("deep_sink", geometry, sink_frames=4, recent_frames=4, keep_tokens=20)
+    driver = SyntheticDriver(policy, steps=1)
+    T = geometry.tokens_per_block
+    limit = T * (1 + 1 + 1) + 20
+
+    def on_view(block, step, layer, keys, values):
+        assert keys.shape[2] <= limit
+        assert policy.kv_tokens() <= policy.budget_tokens()
+        n = policy.kept_count[layer]
+        if step == 0 and n:
+            pos = policy.kept_pos[layer, :n]
+            recent_pos = policy.recent[0][1]
+            assert pos.max() < recent_pos and pos.min() >= policy.sink[0][1] + B  # between sink and recent
+            assert (pos[1:] >= pos[:-1]).all()  # temporal order kept
+            # each kept token equals its raw key freshly rotated at its assigned temporal position
+            src = policy.kept_src[layer, :n]
+            got = policy.ws_k[layer, :, :, policy.kept_off : policy.kept_off + n]
+            grid = driver.block_positions(0.0)
+            for i in range(n):
+                blk, j = divmod(int(src[i]), T)
+                pos = grid[j : j + 1].clone()
+                pos[0, 0] = float(policy.kept_pos[layer, i])
+                ref = driver.rotated(driver.raw(blk, layer, "k", T)[:, j : j + 1], pos)
+                torch.testing.assert_close(got[:, :, i], ref[:, 0], rtol=0, atol=1e-5)
+            if block == 59:
+                assert n == 20
+
+    driver.rollout(60, on_view=on_view)
+
+
+def test_deep_sink_drops_only_low_attention_tokens():
+    geometry = tiny_geometry(B, frame_hw=(2, 2))
+    policy = make_policy("deep_sink", geometry, sink_frames=4, recent_frames=4, keep_tokens=8, rope_adjust=False)
+    SyntheticDriver(policy, steps=0).rollout(12)
+    assert all(count == 8 for count in policy.kept_count)
+    frames = policy.kept_frame(0)
+    assert (frames >= 4).all() and (frames < 40).all()  # neither sink nor recent frames

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from .base import PARTITIONS, CacheGeometry, CachePolicy
+from .deep_sink import DeepSinkCache
 from .packforcing import PackForcingCache, PackForcingConfig
 from .simple import FullCache, SinkWindowCache, WindowCache
 
@@ -13,6 +14,7 @@ POLICIES = {
     "window": WindowCache,
     "sink_window": SinkWindowCache,
     "packforcing": PackForcingCache,
+    "deep_sink": DeepSinkCache,
 }
 
 

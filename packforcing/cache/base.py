@@ -130,8 +130,12 @@ class CachePolicy:
         return occ["sink"] + occ["mid_selected"] + occ["recent"] + occ["current"]
 
     def kv_tokens(self) -> int:
-        """Tokens per layer whose K/V are stored (the cached history plus the current block)."""
-        return sum(self.occupancy().values())
+        """Tokens per layer whose K/V are stored (history plus the current block).
+
+        ``mid_selected`` is the attended subset of ``mid_archive`` (the trace's convention), so it
+        is not added; a policy that keeps the selection as a separate copy overrides this."""
+        occ = self.occupancy()
+        return occ["sink"] + occ["mid_archive"] + occ["recent"] + occ["current"]
 
     def kv_bytes(self) -> int:
         return self.kv_tokens() * self.geometry.bytes_per_token

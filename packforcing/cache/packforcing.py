@@ -327,6 +327,10 @@ class PackForcingCache(CachePolicy):
             "current": T if self.block_index >= 0 else 0,
         }
 
+    def kv_tokens(self) -> int:
+        """Stored tokens: the selected mid blocks are *copies* gathered into the workspace, so they count."""
+        return super().kv_tokens() + self.occupancy()["mid_selected"]
+
     def budget_tokens(self) -> int:
         c, T = self.config, self.geometry.tokens_per_block
         return T * (1 + self.n_sink + self.n_recent) + self.n_c * (c.top_k + c.archive_blocks + self.n_recent)

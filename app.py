@@ -1,0 +1,412 @@
+"""PackForcing Studio: the Gradio app (UI wiring only; the run logic is in packforcing/studio.py).
+
+Run ``python app.py`` and open http://127.0.0.1:7860 (``GRADIO_SERVER_NAME`` /
+``GRADIO_SERVER_PORT`` are respected; ``PACKFORCING_MAX_SECONDS`` raises the 120 s limit).
+"""
+
+from __future__ import annotations
+
+# studio imports `spaces` before torch, as ZeroGPU requires.
+from packforcing import studio  # noqa: I001
+
+import html
+from pathlib import Path
+
+import gradio as gr
+
+from analysis.figures import (
+    cache_occupancy_figure,
+    compare_figure,
+    latency_memory_figure,
+    rope_position_figure,
+    summary_table,
+    topk_heatmap_figure,
+)
+
+ROOT = Path(__file__).resolve().parent
+EXAMPLES_FILE = ROOT / "assets" / "example_prompts.txt"
+
+POLICY_NOTES = {
+    "packforcing": "**PackForcing** (this paper): sink + compressed top-k mid blocks + recent, "
+                   "with temporal RoPE adjustment. Bounded memory at any length.",
+    "sink_window": "**Sink + window** (LongLive, StreamingLLM): the first frames and a sliding window.",
+    "window": "**Window** (Self-Forcing `local_attn_size`): the last frames only, FIFO.",
+    "deep_sink": "**Deep sink** (Deep Forcing): a large sink + the top tokens by recent-query attention, "
+                 "RoPE re-aligned, training-free.",
+    "full": "**Full**: every block is kept; memory grows linearly with the video.",
+}
+
+CSS = """
+.pf-progress {padding: 6px 2px;}
+.pf-bar {height: 12px; border-radius: 6px; background: var(--neutral-200, #e5e7eb); overflow: hidden;}
+.pf-fill {height: 100%; background: linear-gradient(90deg, #6366f1, #22c55e); transition: width .3s;}
+.pf-fill.pf-stopped {background: #f59e0b;} .pf-fill.pf-error {background: #ef4444;}
+.pf-text {margin-top: 4px; font-size: 0.95em;}
+.pf-note {font-size: 0.9em; opacity: 0.8;}
+"""
+THEME = gr.themes.Soft(primary_hue="indigo", secondary_hue="emerald")
+LAUNCH_KWARGS = {"theme": THEME, "css": CSS}
+
+
+def load_examples() -> list[str]:
+    if not EXAMPLES_FILE.exists():
+        return []
+    return [line.strip() for line in EXAMPLES_FILE.read_text().splitlines() if line.strip()]
+
+
+def progress_html(fraction: float, text: str, state: str = "") -> str:
+    pct = max(0.0, min(1.0, fraction)) * 100
+    return (f'<div class="pf-progress"><div class="pf-bar"><div class="pf-fill {state}" '
+            f'style="width:{pct:.1f}%"></div></div><div class="pf-text">{html.escape(text)}</div></div>')
+
+
+IDLE = progress_html(0, "Ready. Enter a prompt and press Generate.")
+
+
+def update_html(update: studio.Update, prefix: str = "") -> str:
+    text = prefix + update.progress_text()
+    if update.kind == "block":
+        return progress_html(update.fraction, "Generating… " + text)
+    if update.kind == "error":
+        return progress_html(update.fraction, f"Error: {update.message} ({text})", "pf-error")
+    if update.stopped:
+        return progress_html(update.fraction, f"Stopped: kept {text}", "pf-stopped")
+    return progress_html(1.0, f"Done in {update.elapsed:.1f} s: {text}")
+
+
+# ---- analysis figures --------------------------------------------------------------------------
+def _layer(value) -> int | None:
+    return None if value in (None, "", "mean") else int(value)
+
+
+def occupancy_plot(tables, layer="mean", unit="tokens"):
+    return cache_occupancy_figure((tables or {}).get("occupancy"), _layer(layer), unit)
+
+
+def topk_plot(tables, layer="mean", fps=16):
+    return topk_heatmap_figure((tables or {}).get("scores"), _layer(layer), fps=fps)
+
+
+def rope_plot(tables, block=None, layer="0"):
+    positions = (tables or {}).get("positions")
+    if positions is not None and len(positions) and block is not None:
+        block = min(int(block), int(positions["block"].max()))
+    return rope_position_figure(positions, None if block is None else int(block), _layer(layer) or 0)
+
+
+def latency_plot(tables):
+    tables = tables or {}
+    return latency_memory_figure(tables.get("blocks"), tables.get("timing"))
+
+
+def summary_frame(update: studio.Update):
+    table = summary_table({update.request.policy: {**update.tables, "meta": update.meta}})
+    keep = [c for c in ("run", "blocks", "video_seconds", "total_seconds", "mean_block_seconds",
+                        "latency_slope_s_per_block", "peak_kv_mb", "peak_context_tokens",
+                        "peak_stored_tokens") if c in table]
+    return table[keep].round(4)
+
+
+# ---- handlers ----------------------------------------------------------------------------------
+KNOBS = studio.knob_specs()
+KNOB_NAMES = list(KNOBS)
+SETTINGS = ["prompt", "seconds", "seed", "randomize_seed", "policy", "compressor", "model", *KNOB_NAMES]
+# the analysis controls travel with the settings, so live plots honour the chosen layer / unit
+INPUTS = [*SETTINGS, "occ_layer", "occ_unit", "topk_layer", "rope_layer"]
+
+
+def _session(request: gr.Request | None) -> str:
+    return getattr(request, "session_hash", None) or "default"
+
+
+def _request_from(values) -> tuple[studio.RunRequest, dict]:
+    args = dict(zip(INPUTS, values))
+    options = {name: args[name] for name in KNOB_NAMES}
+    try:
+        req = studio.validate_request(args["prompt"], args["seconds"], args["seed"], args["policy"], options,
+                                      args["compressor"], args["model"] or studio.DEFAULT_MODEL,
+                                      randomize_seed=bool(args["randomize_seed"]))
+    except studio.StudioError as err:
+        raise gr.Error(str(err), title="Invalid input") from None
+    note = studio.prompt_warning(req.prompt, req.model)
+    if note:
+        gr.Warning(note)
+    return req, args
+
+
+def _generate(request: gr.Request, *values):
+    """Generate a video; yields the preview, progress, analysis plots, and at the end the mp4 and trace."""
+    req, args = _request_from(values)
+    pipe = studio.get_pipeline(req.model)
+    worker = studio.GenerationWorker(req)
+    key = _session(request)
+    studio.RUNS.register(key, worker)
+    worker.start()
+    no_plots = (gr.skip(),) * 4
+    try:
+        yield (progress_html(0, f"Starting: {req.num_blocks} blocks ({req.label})…"), None, None, None, None,
+               *no_plots, gr.skip(), None, req.seed)
+        for update in worker.updates():
+            if update.final:
+                break
+            tables = update.tables
+            yield (update_html(update), str(update.segment), None, None, gr.skip(),
+                   occupancy_plot(tables, args["occ_layer"], args["occ_unit"]),
+                   topk_plot(tables, args["topk_layer"], pipe.fps),
+                   rope_plot(tables, update.blocks_done - 1, args["rope_layer"]),
+                   latency_plot(tables),
+                   gr.update(maximum=max(1, update.blocks_done - 1), value=update.blocks_done - 1),
+                   tables, gr.skip())
+        tables = update.tables
+        if update.kind == "error":
+            gr.Warning(f"Generation failed: {update.message}")
+        elif update.stopped:
+            gr.Info(f"Stopped after {update.blocks_done} of {update.total_blocks} blocks; the partial video is kept.")
+        yield (update_html(update), gr.skip(), str(update.video) if update.video else None,
+               [str(p) for p in update.trace_files] or None, summary_frame(update),
+               occupancy_plot(tables, args["occ_layer"], args["occ_unit"]),
+               topk_plot(tables, args["topk_layer"], pipe.fps),
+               rope_plot(tables, max(0, update.blocks_done - 1), args["rope_layer"]),
+               latency_plot(tables),
+               gr.update(maximum=max(1, update.blocks_done - 1), value=max(0, update.blocks_done - 1)),
+               tables, gr.skip())
+    finally:
+        worker.stop()
+        studio.RUNS.unregister(key, worker)
+
+
+def _compare(request: gr.Request, *values):
+    """Run the selected policies one after the other with the same prompt, seed and duration."""
+    *settings, chosen = values
+    req, _ = _request_from(settings)
+    try:
+        run = studio.CompareRun(req, chosen, options={req.policy: req.options})
+    except studio.StudioError as err:
+        raise gr.Error(str(err), title="Invalid input") from None
+    key = _session(request)
+    studio.RUNS.register(key, run)
+    names = studio.policy_names()
+    slots = [gr.update(visible=p in run.policies, value=None, label=p) for p in names]
+    yield (progress_html(0, f"Comparing {', '.join(run.policies)} ({req.seconds:g} s, seed {req.seed})…"),
+           *slots, compare_figure(None), None, req.seed)
+    latest: dict[str, studio.Update] = {}
+    total = len(run.policies)
+    try:
+        for i, (policy, update) in enumerate_policies(run):
+            latest[policy] = update
+            frac = (i + update.fraction) / total
+            text = f"{policy} ({i + 1}/{total}): {update.progress_text()}"
+            if not update.final:
+                yield (progress_html(frac, "Generating… " + text), *(gr.skip(),) * len(names),
+                       compare_figure(run.blocks_by_policy(latest)), gr.skip(), gr.skip())
+                continue
+            if update.kind == "error":
+                gr.Warning(f"{policy} failed: {update.message}")
+            slot = [gr.update(value=str(update.video), label=f"{policy}" + (" (stopped)" if update.stopped else ""))
+                    if p == policy and update.video else gr.skip() for p in names]
+            yield (progress_html(frac, text), *slot, compare_figure(run.blocks_by_policy(latest)),
+                   summary_table({p: {**u.tables, "meta": u.meta} for p, u in run.results.items()})
+                   .drop(columns=["policy"], errors="ignore").round(4), gr.skip())
+        stopped = any(u.stopped for u in run.results.values()) or len(run.results) < total
+        text = ("Stopped: " if stopped else "Done: ") + ", ".join(
+            f"{p} {u.blocks_done}/{u.total_blocks} blocks" for p, u in run.results.items())
+        yield (progress_html(len(run.results) / total, text, "pf-stopped" if stopped else ""),
+               *(gr.skip(),) * len(names), gr.skip(), gr.skip(), gr.skip())
+    finally:
+        run.stop()
+        studio.RUNS.unregister(key, run)
+
+
+def _named(impl, names: list[str], name: str):
+    """A generator handler with one named parameter per input, so the API reads
+    ``client.predict(prompt=..., seconds=..., api_name="/generate")`` instead of ``param_0``."""
+    params = ", ".join(names)
+    optional = ", ".join(f"{n}=None" for n in names)  # None: the component's initial value, or automatic
+    namespace = {"gr": gr, "impl": impl}
+    exec(f"def {name}(request: gr.Request, {optional}):\n    yield from impl(request, {params})\n", namespace)
+    fn = namespace[name]
+    fn.__doc__, fn.__module__ = impl.__doc__, __name__
+    return fn
+
+
+generate = _named(_generate, INPUTS, "generate")
+compare = _named(_compare, [*INPUTS, "policies"], "compare")
+
+
+def enumerate_policies(run: studio.CompareRun):
+    order = {p: i for i, p in enumerate(run.policies)}
+    for policy, update in run.updates():
+        yield order[policy], (policy, update)
+
+
+def stop(request: gr.Request):
+    """Stop this session's generation after the block in progress (the partial video is kept)."""
+    if studio.RUNS.stop(_session(request)):
+        gr.Info("Stopping after the current block…")
+
+
+def on_policy(policy):
+    """Show the knobs of the chosen policy (with its defaults) and hide the others."""
+    knobs = studio.policy_knobs(policy)
+    knob_updates = [gr.update(visible=name in knobs, value=knobs.get(name)) if name in knobs
+                    else gr.update(visible=False) for name in KNOB_NAMES]
+    return (POLICY_NOTES.get(policy, ""), gr.update(visible=studio.policy_compresses(policy)), *knob_updates)
+
+
+def _lock():
+    return gr.update(interactive=False), gr.update(interactive=False)
+
+
+def _unlock():
+    return gr.update(interactive=True), gr.update(interactive=True)
+
+
+# ---- layout ------------------------------------------------------------------------------------
+def knob_component(spec: studio.KnobSpec, default, visible: bool):
+    common = dict(label=spec.label, info=spec.info or None, visible=visible)
+    if spec.kind == "bool":
+        return gr.Checkbox(value=bool(default) if default is not None else False, **common)
+    if spec.kind == "choice":
+        return gr.Dropdown(list(spec.choices), value=default, **common)
+    if spec.kind == "int" and spec.minimum is not None and spec.maximum is not None:
+        return gr.Slider(spec.minimum, spec.maximum, value=default, step=spec.step or 1, **common)
+    if spec.kind in ("int", "float"):
+        return gr.Number(value=default, precision=0 if spec.kind == "int" else None, minimum=spec.minimum,
+                         maximum=spec.maximum, **common)
+    return gr.Textbox(value=default, **common)
+
+
+def build_demo() -> gr.Blocks:
+    pipe = studio.get_pipeline(studio.DEFAULT_MODEL)
+    policies = studio.policy_names()
+    default_policy = policies[0]
+    default_knobs = studio.policy_knobs(default_policy)
+    every_knob = {}
+    for p in policies:
+        every_knob.update({k: v for k, v in studio.policy_knobs(p).items() if k not in every_knob})
+    layers = [("mean over layers", "mean")] + [(f"layer {i}", str(i)) for i in range(pipe.transformer.config.num_layers)]
+    examples = load_examples()
+    limit = studio.max_seconds()
+
+    with gr.Blocks(title="PackForcing Studio") as demo:
+        gr.Markdown(
+            "# PackForcing Studio\n"
+            "Minute-long video from a model trained on 5-second clips, with a **bounded KV cache**: "
+            "sink + compressed top-k mid blocks + recent (PackForcing, arXiv 2603.25730). Generate a video, "
+            "watch it stream block by block, and see what the cache keeps and why.")
+        gr.Markdown(f"Model: **{html.escape(pipe.name)}**, {pipe.width}×{pipe.height} at {pipe.fps} fps. "
+                    + ("Its weights are random for now, so videos look like noise; the cache behaviour, "
+                       "timings and analysis are real." if "random" in pipe.name else ""),
+                    elem_classes="pf-note")
+        tables_state = gr.State(None)
+        with gr.Row():
+            with gr.Column(scale=4, min_width=330):
+                prompt = gr.Textbox(label="Prompt", lines=2, value=examples[0] if examples else "",
+                                    placeholder="a red circle and a blue square bouncing over a dark grey background")
+                if examples:
+                    gr.Examples([[e] for e in examples], inputs=[prompt], label="Example prompts",
+                                cache_examples=False, examples_per_page=6)
+                seconds = gr.Slider(studio.MIN_SECONDS, limit, value=studio.MIN_SECONDS, step=1,
+                                    label="Duration (seconds)", info=f"{studio.MIN_SECONDS:g}–{limit:g} s")
+                with gr.Row():
+                    seed = gr.Number(0, precision=0, label="Seed", minimum=0)
+                    randomize = gr.Checkbox(False, label="Random seed", info="draw a new seed each run")
+                policy = gr.Dropdown(policies, value=default_policy, label="Cache policy")
+                policy_note = gr.Markdown(POLICY_NOTES.get(default_policy, ""), elem_classes="pf-note")
+                with gr.Accordion("Cache policy settings", open=True):
+                    compressor = gr.Radio(list(studio.COMPRESSOR_MODES), value=pipe.compressor.mode,
+                                          label="Compressor branch",
+                                          info="lr: zero-shot (VAE re-encode), hr: learned conv, both: summed",
+                                          visible=studio.policy_compresses(default_policy))
+                    knobs = [knob_component(KNOBS[name], default_knobs.get(name, every_knob.get(name)),
+                                            name in default_knobs) for name in KNOB_NAMES]
+                with gr.Accordion("Model", open=False):
+                    model = gr.Dropdown(studio.model_choices(), value=studio.DEFAULT_MODEL, label="Model")
+                    gr.Textbox(label="Wan2.1 / Self-Forcing checkpoint (local path or hub id)", interactive=False,
+                               placeholder="not yet wired", info=studio.CHECKPOINT_NOTE)
+                with gr.Row():
+                    generate_btn = gr.Button("Generate", variant="primary")
+                    stop_btn = gr.Button("Stop", variant="stop")
+            with gr.Column(scale=6):
+                with gr.Tabs():
+                    with gr.Tab("Generate"):
+                        progress = gr.HTML(IDLE)
+                        with gr.Row():
+                            preview = gr.Video(label="Live preview (one segment per block)", streaming=True,
+                                               autoplay=True, interactive=False, height=300)
+                            video = gr.Video(label="Final video (mp4)", interactive=False, height=300,
+                                             buttons=["download"])
+                        trace_files = gr.File(label="Trace (Parquet / CSV)", file_count="multiple",
+                                              interactive=False)
+                        summary = gr.Dataframe(label="Run summary", interactive=False)
+                    with gr.Tab("Compare"):
+                        gr.Markdown("Runs each selected policy with the prompt, seed and duration on the left, one "
+                                    "after the other (the policy chosen on the left keeps its settings, the others "
+                                    "use their defaults).", elem_classes="pf-note")
+                        compare_policies = gr.CheckboxGroup(policies, value=policies[: min(3, len(policies))],
+                                                            label="Policies to compare")
+                        with gr.Row():
+                            compare_btn = gr.Button("Compare", variant="primary")
+                            compare_stop = gr.Button("Stop", variant="stop")
+                        compare_progress = gr.HTML(progress_html(0, "Select two or more policies."))
+                        with gr.Row():
+                            compare_videos = [gr.Video(label=p, visible=False, interactive=False, height=220)
+                                              for p in policies]
+                        compare_plot = gr.Plot(compare_figure(None), label="Memory and latency per block")
+                        compare_table = gr.Dataframe(label="Summary per policy", interactive=False)
+
+        gr.Markdown("## Cache analysis (updated every block)")
+        with gr.Row():
+            with gr.Column():
+                occ_plot = gr.Plot(occupancy_plot(None), label="Cache occupancy")
+                with gr.Row():
+                    occ_layer = gr.Dropdown(layers, value="mean", label="Layer")
+                    occ_unit = gr.Radio(["tokens", "MB"], value="tokens", label="Unit")
+            with gr.Column():
+                topk = gr.Plot(topk_plot(None), label="Top-k scores")
+                topk_layer = gr.Dropdown(layers, value="mean", label="Layer")
+        with gr.Row():
+            with gr.Column():
+                rope = gr.Plot(rope_plot(None), label="RoPE position map")
+                with gr.Row():
+                    rope_block = gr.Slider(0, 1, value=0, step=1, label="Generation block",
+                                           info="follows the latest block while generating")
+                    rope_layer = gr.Dropdown(layers[1:], value="0", label="Layer")
+            with gr.Column():
+                latency = gr.Plot(latency_plot(None), label="Latency and memory per block")
+
+        # -- events ----------------------------------------------------------------------------
+        settings = [prompt, seconds, seed, randomize, policy, compressor, model, *knobs]
+        inputs = [*settings, occ_layer, occ_unit, topk_layer, rope_layer]
+        outputs = [progress, preview, video, trace_files, summary, occ_plot, topk, rope, latency, rope_block,
+                   tables_state, seed]
+        buttons = [generate_btn, compare_btn]
+        policy.change(on_policy, policy, [policy_note, compressor, *knobs], api_visibility="private", queue=False)
+        generate_btn.click(_lock, None, buttons, queue=False, api_visibility="private").then(
+            generate, inputs, outputs, api_name="generate", concurrency_id="generation", concurrency_limit=1,
+        ).then(_unlock, None, buttons, queue=False, api_visibility="private")
+        compare_btn.click(_lock, None, buttons, queue=False, api_visibility="private").then(
+            compare, [*inputs, compare_policies], [compare_progress, *compare_videos, compare_plot, compare_table,
+                                                   seed],
+            api_name="compare", concurrency_id="generation", concurrency_limit=1,
+        ).then(_unlock, None, buttons, queue=False, api_visibility="private")
+        for button in (stop_btn, compare_stop):
+            button.click(stop, None, None, api_name="stop", concurrency_limit=None,
+                         api_visibility="public" if button is stop_btn else "private")
+        occ_layer.input(occupancy_plot, [tables_state, occ_layer, occ_unit], occ_plot, api_visibility="private",
+                         concurrency_limit=None)
+        occ_unit.input(occupancy_plot, [tables_state, occ_layer, occ_unit], occ_plot, api_visibility="private",
+                        concurrency_limit=None)
+        topk_layer.input(lambda t, layer: topk_plot(t, layer, pipe.fps), [tables_state, topk_layer], topk,
+                          api_visibility="private", concurrency_limit=None)
+        for control in (rope_block, rope_layer):
+            control.input(rope_plot, [tables_state, rope_block, rope_layer], rope, api_visibility="private",
+                           concurrency_limit=None)
+    demo.queue(default_concurrency_limit=1)
+    return demo
+
+
+demo = build_demo()
+
+if __name__ == "__main__":
+    demo.launch(**LAUNCH_KWARGS)
