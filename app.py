@@ -79,24 +79,32 @@ def _layer(value) -> int | None:
     return None if value in (None, "", "mean") else int(value)
 
 
+def _fit(fig):
+    """Half-width panels: smaller titles and axis titles so the figures' long titles fit."""
+    fig.update_layout(title=dict(font=dict(size=13)), margin=dict(l=50, r=20, t=60, b=50))
+    fig.update_xaxes(title_font=dict(size=11))
+    fig.update_yaxes(title_font=dict(size=11))
+    return fig
+
+
 def occupancy_plot(tables, layer="mean", unit="tokens"):
-    return cache_occupancy_figure((tables or {}).get("occupancy"), _layer(layer), unit)
+    return _fit(cache_occupancy_figure((tables or {}).get("occupancy"), _layer(layer), unit))
 
 
 def topk_plot(tables, layer="mean", fps=16):
-    return topk_heatmap_figure((tables or {}).get("scores"), _layer(layer), fps=fps)
+    return _fit(topk_heatmap_figure((tables or {}).get("scores"), _layer(layer), fps=fps))
 
 
 def rope_plot(tables, block=None, layer="0"):
     positions = (tables or {}).get("positions")
     if positions is not None and len(positions) and block is not None:
         block = min(int(block), int(positions["block"].max()))
-    return rope_position_figure(positions, None if block is None else int(block), _layer(layer) or 0)
+    return _fit(rope_position_figure(positions, None if block is None else int(block), _layer(layer) or 0))
 
 
 def latency_plot(tables):
     tables = tables or {}
-    return latency_memory_figure(tables.get("blocks"), tables.get("timing"))
+    return _fit(latency_memory_figure(tables.get("blocks"), tables.get("timing")))
 
 
 def summary_frame(update: studio.Update):
@@ -150,6 +158,9 @@ def _generate(request: gr.Request, *values):
             if update.final:
                 break
             tables = update.tables
+            if worker.backlog:  # the UI fell behind: stream the segment, redraw the plots next time
+                yield (update_html(update), str(update.segment), *(gr.skip(),) * 10)
+                continue
             yield (update_html(update), str(update.segment), None, None, gr.skip(),
                    occupancy_plot(tables, args["occ_layer"], args["occ_unit"]),
                    topk_plot(tables, args["topk_layer"], pipe.fps),
@@ -250,7 +261,12 @@ def on_policy(policy):
     knobs = studio.policy_knobs(policy)
     knob_updates = [gr.update(visible=name in knobs, value=knobs.get(name)) if name in knobs
                     else gr.update(visible=False) for name in KNOB_NAMES]
-    return (POLICY_NOTES.get(policy, ""), gr.update(visible=studio.policy_compresses(policy)), *knob_updates)
+    return (POLICY_NOTES.get(policy, ""), gr.update(visible=studio.policy_compresses(policy)),
+            gr.update(visible=has_advanced(policy)), *knob_updates)
+
+
+def has_advanced(policy) -> bool:
+    return any(KNOBS[name].advanced for name in studio.policy_knobs(policy))
 
 
 def _lock():
@@ -313,20 +329,30 @@ def build_demo() -> gr.Blocks:
                     randomize = gr.Checkbox(False, label="Random seed", info="draw a new seed each run")
                 policy = gr.Dropdown(policies, value=default_policy, label="Cache policy")
                 policy_note = gr.Markdown(POLICY_NOTES.get(default_policy, ""), elem_classes="pf-note")
+                with gr.Row():
+                    generate_btn = gr.Button("Generate", variant="primary")
+                    stop_btn = gr.Button("Stop", variant="stop")
                 with gr.Accordion("Cache policy settings", open=True):
                     compressor = gr.Radio(list(studio.COMPRESSOR_MODES), value=pipe.compressor.mode,
                                           label="Compressor branch",
                                           info="lr: zero-shot (VAE re-encode), hr: learned conv, both: summed",
                                           visible=studio.policy_compresses(default_policy))
-                    knobs = [knob_component(KNOBS[name], default_knobs.get(name, every_knob.get(name)),
-                                            name in default_knobs) for name in KNOB_NAMES]
+                    knob_by_name = {}
+                    for name in KNOB_NAMES:
+                        if not KNOBS[name].advanced:
+                            knob_by_name[name] = knob_component(
+                                KNOBS[name], default_knobs.get(name, every_knob.get(name)), name in default_knobs)
+                    with gr.Accordion("Advanced", open=False, visible=has_advanced(default_policy)) as advanced:
+                        for name in KNOB_NAMES:
+                            if KNOBS[name].advanced:
+                                knob_by_name[name] = knob_component(
+                                    KNOBS[name], default_knobs.get(name, every_knob.get(name)),
+                                    name in default_knobs)
+                    knobs = [knob_by_name[name] for name in KNOB_NAMES]
                 with gr.Accordion("Model", open=False):
                     model = gr.Dropdown(studio.model_choices(), value=studio.DEFAULT_MODEL, label="Model")
                     gr.Textbox(label="Wan2.1 / Self-Forcing checkpoint (local path or hub id)", interactive=False,
                                placeholder="not yet wired", info=studio.CHECKPOINT_NOTE)
-                with gr.Row():
-                    generate_btn = gr.Button("Generate", variant="primary")
-                    stop_btn = gr.Button("Stop", variant="stop")
             with gr.Column(scale=6):
                 with gr.Tabs():
                     with gr.Tab("Generate"):
@@ -381,7 +407,8 @@ def build_demo() -> gr.Blocks:
         outputs = [progress, preview, video, trace_files, summary, occ_plot, topk, rope, latency, rope_block,
                    tables_state, seed]
         buttons = [generate_btn, compare_btn]
-        policy.change(on_policy, policy, [policy_note, compressor, *knobs], api_visibility="private", queue=False)
+        policy.change(on_policy, policy, [policy_note, compressor, advanced, *knobs], api_visibility="private",
+                      queue=False)
         generate_btn.click(_lock, None, buttons, queue=False, api_visibility="private").then(
             generate, inputs, outputs, api_name="generate", concurrency_id="generation", concurrency_limit=1,
         ).then(_unlock, None, buttons, queue=False, api_visibility="private")

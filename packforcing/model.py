@@ -93,6 +93,17 @@ class CausalWanTransformer(WanTransformer3DModel):
         x = tokens.reshape(b, frames // p_t, height // p_h, width // p_w, p_t, p_h, p_w, -1)
         return x.permute(0, 7, 1, 4, 2, 5, 3, 6).flatten(6, 7).flatten(4, 5).flatten(2, 3)
 
+    def check_latents(self, latents: torch.Tensor, frames: int | None = None) -> None:
+        """Clear errors for latents the model cannot take: [B, in_channels, F, H, W], H and W
+        multiples of the patch size, F = the cache's block size when given."""
+        c, (p_t, p_h, p_w) = self.config.in_channels, self.config.patch_size
+        if latents.ndim != 5 or latents.shape[1] != c:
+            raise ValueError(f"latents must be [B, {c}, F, H, W], got {tuple(latents.shape)}")
+        if latents.shape[2] % p_t or latents.shape[3] % p_h or latents.shape[4] % p_w:
+            raise ValueError(f"latent F/H/W {tuple(latents.shape[2:])} must be multiples of the patch {(p_t, p_h, p_w)}")
+        if frames is not None and latents.shape[2] != frames:
+            raise ValueError(f"block has {latents.shape[2]} latent frames but the cache expects {frames}")
+
     def token_grid(self, frames: int, height: int, width: int) -> tuple[int, int, int]:
         p_t, p_h, p_w = self.config.patch_size
         return frames // p_t, height // p_h, width // p_w
@@ -148,6 +159,7 @@ class CausalWanTransformer(WanTransformer3DModel):
         shape as ``latents``.
         """
         self._install_processors()
+        self.check_latents(latents, frames=getattr(getattr(cache, "geometry", None), "block_frames", None))
         b, _, frames, height, width = latents.shape
         cache.begin_step(step, commit)
         cos, sin = self.grid_cos_sin(t_start + torch.arange(frames, dtype=torch.float64), height, width)

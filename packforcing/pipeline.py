@@ -24,6 +24,7 @@ from .sampler import SamplerConfig, generate_blocks
 from .vae import WanVAE, tiny_vae_config
 
 DEFAULT_MAX_SECONDS = 120.0
+MAX_PROMPT_CHARS = 2000
 COMPRESSOR_MODES = ("lr", "hr", "both")
 
 
@@ -130,8 +131,7 @@ class Pipeline:
 
     # -- generation ----------------------------------------------------------------------------
     def encode_prompt(self, prompt: str) -> torch.Tensor:
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise ValueError("prompt is empty")
+        check_prompt(prompt)
         return self.text_encoder.encode([prompt]).to(self.transformer.device)
 
     def stream(
@@ -147,6 +147,7 @@ class Pipeline:
         """Yield one `BlockResult` (latents + decoded pixels) per block. Validates everything first."""
         num_blocks = self.num_blocks(seconds)
         seed = check_seed(seed)
+        check_prompt(prompt)
         cache, compressor = self.build_policy(policy, recorder, compressor_mode, **policy_options)
         text = self.encode_prompt(prompt)
         if recorder is not None and recorder.enabled:
@@ -162,6 +163,15 @@ class Pipeline:
     def generate(self, prompt: str, seconds: float = 5.0, **kwargs) -> np.ndarray:
         """Whole video as uint8 [T, H, W, 3]."""
         return np.concatenate([to_uint8(block.pixels) for block in self.stream(prompt, seconds, **kwargs)])
+
+
+def check_prompt(prompt) -> str:
+    """Any script works; empty prompts and prompts over `MAX_PROMPT_CHARS` characters are refused."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError("prompt is empty")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise ValueError(f"prompt is too long: {len(prompt)} characters (at most {MAX_PROMPT_CHARS})")
+    return prompt
 
 
 def check_seed(seed) -> int:

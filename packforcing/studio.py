@@ -154,6 +154,7 @@ class KnobSpec:
     maximum: float | None = None
     step: float | None = None
     choices: tuple[str, ...] = ()
+    advanced: bool = False  # shown in a collapsed "advanced" group
 
 
 def _known_specs() -> dict[str, KnobSpec]:
@@ -172,13 +173,13 @@ def _known_specs() -> dict[str, KnobSpec]:
         KnobSpec("keep_tokens", "int", "Kept middle tokens",
                  "tokens kept by attention score between sink and recent (empty = automatic: two blocks)", 0),
         KnobSpec("archive_blocks", "int", "Mid archive (blocks)", "compressed mid blocks stored, FIFO beyond it",
-                 1, 512, 1),
+                 1, 512, 1, advanced=True),
         KnobSpec("selection", "choice", "Mid selection", "topk = paper's scores; recency = the k newest (ablation)",
-                 choices=tuple(SELECTIONS)),
+                 choices=tuple(SELECTIONS), advanced=True),
         KnobSpec("scope", "choice", "Selection scope", "each layer selects, or one selection shared by all layers",
-                 choices=tuple(SCOPES)),
+                 choices=tuple(SCOPES), advanced=True),
         KnobSpec("score_queries", "int", "Scoring queries", "query tokens sampled for the top-k scores",
-                 16, 4096, 16),
+                 16, 4096, 16, advanced=True),
         KnobSpec("rope_adjust", "bool", "Temporal RoPE adjustment",
                  "re-position kept blocks contiguously (off = absolute positions, the ablation)"),
         KnobSpec("mid_span", "choice", "Mid-span mode", "temporal positions one mid block occupies after adjustment",
@@ -613,6 +614,11 @@ class GenerationWorker:
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
+    @property
+    def backlog(self) -> int:
+        """Updates waiting to be read (a UI may skip redrawing plots while it catches up)."""
+        return self._queue.qsize()
+
     def join(self, timeout: float | None = None) -> bool:
         if self._thread is not None:
             self._thread.join(timeout)
@@ -712,7 +718,8 @@ class CompareRun:
     """
 
     def __init__(self, base: RunRequest, policies, options: Mapping[str, Mapping[str, Any]] | None = None,
-                 run_dir: str | Path | None = None, segments: bool = False):
+                 run_dir: str | Path | None = None, segments: bool = False,
+                 stream_fn: Callable[[RunRequest], Iterator[DeviceBlock]] | None = None):
         chosen = list(dict.fromkeys(policies or []))
         if len(chosen) < 2:
             raise StudioError("Select at least two cache policies to compare.")
@@ -720,6 +727,7 @@ class CompareRun:
         self.requests = {p: base.with_policy(p, options.get(p)) for p in chosen}
         self.run_dir = Path(run_dir) if run_dir is not None else new_run_dir()
         self.segments = segments
+        self.stream_fn = stream_fn
         self.results: dict[str, Update] = {}
         self._stop = threading.Event()
         self._current: GenerationWorker | None = None
@@ -737,7 +745,8 @@ class CompareRun:
         for policy, request in self.requests.items():
             if self._stop.is_set():
                 break
-            worker = GenerationWorker(request, self.run_dir / policy, segments=self.segments)
+            worker = GenerationWorker(request, self.run_dir / policy, segments=self.segments,
+                                      stream_fn=self.stream_fn)
             self._current = worker
             if self._stop.is_set():
                 worker.stop()
