@@ -1,7 +1,7 @@
 """Command line: ``python -m packforcing generate --prompt ... --seconds ... --policy ... --out video.mp4``.
 
-With no ``--model`` it uses the embedded default model, which for now is a tiny configuration
-with RANDOM weights (its videos are noise; the trained tiny-world model is not shipped yet).
+With no ``--model`` it uses the embedded default model (see README). ``--model`` takes a
+diffusers-format Wan2.1 directory or cached hub id, optionally with a Self-Forcing ``--checkpoint``.
 """
 
 from __future__ import annotations
@@ -28,7 +28,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--policy", default="packforcing", choices=POLICY_NAMES)
     gen.add_argument("--out", default="video.mp4", help="output mp4 path")
-    gen.add_argument("--model", default=None, help="a model directory (not yet: the embedded tiny model only)")
+    gen.add_argument("--model", default=None,
+                     help="diffusers-format Wan2.1 directory or hub id (local cache only); default: embedded model")
+    gen.add_argument("--checkpoint", default=None, help="Self-Forcing .pt replacing the transformer weights of --model")
+    gen.add_argument("--compressor-weights", default=None, help="trained compressor .safetensors for --model")
+    gen.add_argument("--height", type=int, default=480, help="with --model: video height in pixels")
+    gen.add_argument("--width", type=int, default=832, help="with --model: video width in pixels")
+    gen.add_argument("--device", default="cuda" if _cuda() else "cpu")
     gen.add_argument("--max-seconds", type=float, default=None, help="raise the duration limit (default 120)")
     gen.add_argument("--sink-frames", type=int, default=None, help="latent frames kept as sink")
     gen.add_argument("--recent-frames", type=int, default=None, help="latent frames kept at full resolution")
@@ -59,9 +65,18 @@ def generate(args) -> int:
     from .pipeline import Pipeline, to_uint8, write_video
     from .trace import NullRecorder, TraceRecorder
 
-    if args.model is not None:
-        raise SystemExit("error: --model is not supported yet; omit it to use the embedded model")
-    pipe = Pipeline.default()
+    try:
+        if args.model is not None:
+            import torch
+
+            dtype = torch.bfloat16 if str(args.device).startswith("cuda") else torch.float32
+            pipe = Pipeline.from_pretrained(args.model, args.checkpoint, args.compressor_weights, args.height,
+                                            args.width, device=args.device, dtype=dtype)
+        else:
+            pipe = Pipeline.default()
+    except (OSError, ValueError) as err:  # missing/corrupted weights, bad sizes
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     if args.max_seconds is not None:
         pipe.max_seconds = args.max_seconds
     recorder = TraceRecorder() if args.trace else NullRecorder()
@@ -99,6 +114,12 @@ def _kv_mb(recorder, block) -> float:
         if len(blocks):
             return float(blocks["kv_bytes"].iloc[-1]) / 2**20
     return float("nan")
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def main(argv=None) -> int:

@@ -78,6 +78,47 @@ class Pipeline:
         return cls(transformer, vae, text, compressor, height, width, name="tiny (random weights)")
 
     @classmethod
+    def from_pretrained(
+        cls,
+        path_or_hub_id: str | Path,
+        self_forcing_checkpoint: str | Path | None = None,
+        compressor_path: str | Path | None = None,
+        height: int = 480,
+        width: int = 832,
+        block_frames: int | None = None,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        local_files_only: bool = True,
+        max_seconds: float = DEFAULT_MAX_SECONDS,
+    ) -> "Pipeline":
+        """A Wan2.1 pipeline from a diffusers-format directory or hub id (transformer, vae,
+        text_encoder, tokenizer), optionally with the transformer weights replaced by a Self-Forcing
+        ``.pt`` checkpoint (which also switches to its 3-latent-frame blocks unless ``block_frames``
+        is given). Without ``compressor_path`` PackForcing runs zero-shot (LR branch only).
+        Loading is strict and safe (see `packforcing.loading`); nothing is downloaded when
+        ``local_files_only``.
+        """
+        from .loading import load_transformer, load_wan_pipeline_components
+
+        parts = load_wan_pipeline_components(
+            path_or_hub_id, local_files_only=local_files_only, model_cls=CausalWanTransformer, dtype=dtype
+        )
+        transformer = parts.transformer
+        if self_forcing_checkpoint is not None:
+            transformer = load_transformer(
+                self_forcing_checkpoint, config=dict(transformer.config), model_cls=CausalWanTransformer, dtype=dtype
+            )
+            block_frames = block_frames or 3
+        dim = transformer.config.num_attention_heads * transformer.config.attention_head_dim
+        compressor = Compressor.load(str(compressor_path)) if compressor_path else Compressor(dim, mode="lr")
+        sampler = SamplerConfig(block_frames=block_frames or 4)
+        name = f"{path_or_hub_id}" + (f" + {Path(self_forcing_checkpoint).name}" if self_forcing_checkpoint else "")
+        text_encoder = parts.text_encoder.to(device)
+        pipe = cls(transformer.to(device), WanVAE(parts.vae.to(device)), text_encoder, compressor.to(device),
+                   height, width, sampler=sampler, name=name, max_seconds=max_seconds)
+        return pipe
+
+    @classmethod
     def default(cls) -> "Pipeline":
         """The embedded default model (see README). Currently: `tiny_random`."""
         return cls.tiny_random()
