@@ -6,13 +6,17 @@ Run ``python app.py`` and open http://127.0.0.1:7860 (``GRADIO_SERVER_NAME`` /
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no network calls of our own making
+
 # studio imports `spaces` before torch, as ZeroGPU requires.
-from packforcing import studio  # noqa: I001
+from packforcing import studio  # noqa: E402, I001
 
-import html
-from pathlib import Path
+import html  # noqa: E402
+from pathlib import Path  # noqa: E402
 
-import gradio as gr
+import gradio as gr  # noqa: E402
 
 from analysis.figures import (
     cache_occupancy_figure,
@@ -92,7 +96,13 @@ def occupancy_plot(tables, layer="mean", unit="tokens"):
 
 
 def topk_plot(tables, layer="mean", fps=16):
-    return _fit(topk_heatmap_figure((tables or {}).get("scores"), _layer(layer), fps=fps))
+    fig = _fit(topk_heatmap_figure((tables or {}).get("scores"), _layer(layer), fps=fps))
+    heat = next((t for t in fig.data if t.type == "heatmap"), None)
+    if heat is not None:  # block indices are integers: no 3.6, 3.8, … ticks on short runs
+        for axis, values in (("xaxis", heat.x), ("yaxis", heat.y)):
+            if values is not None and len(values) <= 24:
+                fig.update_layout({axis: dict(tickmode="array", tickvals=list(values))})
+    return fig
 
 
 def rope_plot(tables, block=None, layer="0"):
@@ -180,7 +190,7 @@ def _generate(request: gr.Request, *values):
                rope_plot(tables, max(0, update.blocks_done - 1), args["rope_layer"]),
                latency_plot(tables),
                gr.update(maximum=max(1, update.blocks_done - 1), value=max(0, update.blocks_done - 1)),
-               tables, gr.skip())
+               tables, req.seed)
     finally:
         worker.stop()
         studio.RUNS.unregister(key, worker)
@@ -216,13 +226,15 @@ def _compare(request: gr.Request, *values):
             slot = [gr.update(value=str(update.video), label=f"{policy}" + (" (stopped)" if update.stopped else ""))
                     if p == policy and update.video else gr.skip() for p in names]
             yield (progress_html(frac, text), *slot, compare_figure(run.blocks_by_policy(latest)),
-                   summary_table({p: {**u.tables, "meta": u.meta} for p, u in run.results.items()})
-                   .drop(columns=["policy"], errors="ignore").round(4), gr.skip())
+                   compare_summary(run), gr.skip())
         stopped = any(u.stopped for u in run.results.values()) or len(run.results) < total
         text = ("Stopped: " if stopped else "Done: ") + ", ".join(
             f"{p} {u.blocks_done}/{u.total_blocks} blocks" for p, u in run.results.items())
-        yield (progress_html(len(run.results) / total, text, "pf-stopped" if stopped else ""),
-               *(gr.skip(),) * len(names), gr.skip(), gr.skip(), gr.skip())
+        # plain values (the slots' visibility was set at the start): API clients get the mp4 paths
+        final_slots = [str(run.results[p].video) if p in run.results and run.results[p].video else None
+                       for p in names]
+        yield (progress_html(len(run.results) / total, text, "pf-stopped" if stopped else ""), *final_slots,
+               compare_figure(run.blocks_by_policy()), compare_summary(run), req.seed)
     finally:
         run.stop()
         studio.RUNS.unregister(key, run)
@@ -242,6 +254,11 @@ def _named(impl, names: list[str], name: str):
 
 generate = _named(_generate, INPUTS, "generate")
 compare = _named(_compare, [*INPUTS, "policies"], "compare")
+
+
+def compare_summary(run: studio.CompareRun):
+    table = summary_table({p: {**u.tables, "meta": u.meta} for p, u in run.results.items()})
+    return table.drop(columns=["policy"], errors="ignore").round(4)
 
 
 def enumerate_policies(run: studio.CompareRun):

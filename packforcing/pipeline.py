@@ -123,6 +123,14 @@ class Pipeline:
         """The embedded default model (see README). Currently: `tiny_random`."""
         return cls.tiny_random()
 
+    def to(self, device: str | torch.device, dtype: torch.dtype | None = None) -> "Pipeline":
+        """Move the transformer (optionally cast to ``dtype``), VAE and compressor to ``device``.
+        The text encoder stays where it is; prompts are encoded there and moved (DESIGN §8)."""
+        self.transformer.to(device=device, dtype=dtype) if dtype is not None else self.transformer.to(device)
+        self.vae.vae.to(device)
+        self.compressor.to(device)
+        return self
+
     # -- geometry ----------------------------------------------------------------------------
     @property
     def latent_hw(self) -> tuple[int, int]:

@@ -43,6 +43,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 
 from .cache import POLICIES
 from .pipeline import COMPRESSOR_MODES, DEFAULT_MAX_SECONDS, Pipeline, check_seed, to_uint8, write_video
@@ -452,6 +453,9 @@ def device_stream(request: RunRequest) -> Iterator[DeviceBlock]:
     Closing this generator stops the run and frees the KV cache.
     """
     pipe = get_pipeline(request.model)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # on ZeroGPU, CUDA exists only in here
+    if pipe.transformer.device.type != device:
+        pipe.to(device)
     recorder = TraceRecorder()
     blocks = pipe.stream(request.prompt, request.seconds, request.policy, request.seed, recorder,
                          request.compressor_mode, **request.options)
