@@ -16,6 +16,8 @@ from .base import CacheGeometry, CachePolicy, allocate_kv, heads_first
 class SlotCache(CachePolicy):
     """Shared machinery; subclasses choose the number of slots and the slot of each block."""
 
+    sink_blocks = 0  # leading slots that are never overwritten (reported as "sink")
+
     def __init__(self, geometry: CacheGeometry, recorder=None):
         super().__init__(geometry, recorder)
         self.k = self.v = None
@@ -81,8 +83,6 @@ class SlotCache(CachePolicy):
             "recent": (len(held) - sink) * t,
             "current": t if self.block_index >= 0 else 0,
         }
-
-    sink_blocks = 0
 
     def budget_tokens(self):
         return (1 + self.n_slots) * self.geometry.tokens_per_block
