@@ -154,7 +154,7 @@ def generate_blocks(
                 for name, value in phases.items():
                     recorder.phase(block, name, value)
                 recorder.block_done(
-                    block, seconds, (block + 1) * frames, _added_seconds(block, frames),
+                    block, seconds, frames, _added_seconds(block, frames),  # both: what this block adds
                     policy.kv_tokens(), policy.kv_bytes(), _peak_memory(device),
                 )
             yield BlockResult(block, x0, pixels, seconds, phases)

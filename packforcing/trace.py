@@ -14,7 +14,7 @@ Recording appends plain tuples to Python lists; tidy pandas DataFrames are built
 - ``positions``  block, layer, region, source_block, frame_start, frame_end, pos_before,
   pos_after — temporal RoPE start position of each cached block before/after adjustment.
 - ``timing``     block, phase, seconds — wall seconds, one row per report (not summed).
-- ``blocks``     block, seconds, latent_frames, video_seconds, kv_tokens, kv_bytes,
+- ``blocks``     block, seconds, latent_frames (added by the block), video_seconds, kv_tokens, kv_bytes,
   peak_memory_bytes — ``seconds`` = wall time of the block, ``video_seconds`` = seconds of
   video the block adds, ``peak_memory_bytes`` may be missing (nullable ``Int64``).
 
