@@ -10,8 +10,56 @@ to 4, so ``F`` latent frames give ``4·F − 3`` pixel frames.
 
 from __future__ import annotations
 
+import contextlib
+import types
+
 import torch
 from diffusers import AutoencoderKLWan
+
+
+def _onednn_conv_forward(self, x, weight, bias):
+    """float32 on CPU: ATen sends single-sample, few-channel 5-D convolutions to ``slow_conv3d``
+    (unfold + GEMM); oneDNN is ~2.8x faster for the VAE's shapes (docs/benchmarks.md)."""
+    if x.device.type == "cpu" and x.dtype == torch.float32 and torch.backends.mkldnn.is_available():
+        return torch.ops.aten.mkldnn_convolution(
+            x.contiguous(), weight.contiguous(), bias, list(self.padding), list(self.stride), list(self.dilation),
+            self.groups,
+        )
+    return torch.nn.Conv3d._conv_forward(self, x, weight, bias)
+
+
+def _convs(module: torch.nn.Module) -> list[torch.nn.Conv3d]:
+    return [
+        m for m in module.modules()
+        if isinstance(m, torch.nn.Conv3d) and m.padding_mode == "zeros" and not isinstance(m.padding, str)
+    ]
+
+
+def use_onednn_conv3d(module: torch.nn.Module) -> int:
+    """Route ``module``'s zero-padded Conv3d layers to oneDNN on CPU/float32 (no-op elsewhere,
+    checked per call). Returns how many layers were routed."""
+    convs = _convs(module)
+    for m in convs:
+        m._conv_forward = types.MethodType(_onednn_conv_forward, m)
+    return len(convs)
+
+
+@contextlib.contextmanager
+def conv3d_backend(module: torch.nn.Module, onednn: bool):
+    """Temporarily pick the Conv3d path of ``module`` (benchmarks); restores the previous one."""
+    convs = _convs(module)
+    saved = [m.__dict__.get("_conv_forward") for m in convs]
+    for m in convs:
+        forward = _onednn_conv_forward if onednn else torch.nn.Conv3d._conv_forward
+        m._conv_forward = types.MethodType(forward, m)
+    try:
+        yield len(convs)
+    finally:
+        for m, previous in zip(convs, saved):
+            if previous is None:
+                del m._conv_forward
+            else:
+                m._conv_forward = previous
 
 
 def tiny_vae_config(base_dim: int = 8, z_dim: int = 16) -> dict:
@@ -36,8 +84,10 @@ def pixel_frames(latent_frames: int, first: bool = True) -> int:
 class WanVAE:
     """Wraps an `AutoencoderKLWan` with normalised-latent encode/decode."""
 
-    def __init__(self, vae: AutoencoderKLWan):
+    def __init__(self, vae: AutoencoderKLWan, onednn_cpu_conv: bool = True):
         self.vae = vae
+        if onednn_cpu_conv:
+            use_onednn_conv3d(vae)
         cfg = vae.config
         self.z_dim = cfg.z_dim
         self.spatial_ratio = 2 ** len(cfg.temperal_downsample)

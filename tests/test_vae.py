@@ -4,7 +4,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKLWan
 
-from packforcing.vae import WanVAE, pixel_frames, tiny_vae_config
+from packforcing.vae import WanVAE, conv3d_backend, pixel_frames, tiny_vae_config, use_onednn_conv3d
 
 
 @pytest.fixture(scope="module")
@@ -39,3 +39,16 @@ def test_encode_needs_1_plus_4k_frames(vae):
     with pytest.raises(ValueError, match="1\\+4k"):
         vae.encode(torch.zeros(1, 3, 8, 32, 32))
     assert vae.encode(torch.zeros(1, 3, 9, 32, 32)).shape == (1, 16, 3, 4, 4)
+
+
+def test_onednn_conv_path_matches_aten_and_restores():
+    conv = torch.nn.Conv3d(4, 8, 3, padding=1)
+    x = torch.randn(1, 4, 3, 10, 10)
+    with conv3d_backend(conv, onednn=False) as n:
+        ref = conv(x)
+    assert n == 1 and "_conv_forward" not in vars(conv)  # restored to the class method
+    assert use_onednn_conv3d(conv) == 1
+    torch.testing.assert_close(conv(x), ref, rtol=1e-4, atol=1e-5)
+    with conv3d_backend(conv, onednn=False):
+        torch.testing.assert_close(conv(x), ref, rtol=0, atol=0)
+    assert "_conv_forward" in vars(conv)  # the permanent routing is back

@@ -121,6 +121,10 @@ class CachePolicy:
                 setattr(self, name, None)
 
     # -- reporting ---------------------------------------------------------------------------
+    def phase_seconds(self) -> dict[str, float]:
+        """Seconds spent selecting and re-rotating in the current block (0 for policies that don't)."""
+        return {"select": getattr(self, "_select_seconds", 0.0), "rope": getattr(self, "_rope_seconds", 0.0)}
+
     def occupancy(self) -> dict[str, int]:
         """Tokens per layer in each partition (see `PARTITIONS`)."""
         raise NotImplementedError

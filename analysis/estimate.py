@@ -1,0 +1,520 @@
+"""Memory and time estimator: what a run will cost, from the config and the length, before running.
+
+``estimate(config, policy, seconds, **options)`` returns a plain dict (JSON-serialisable, for the app)
+with, per block: the keys every query attends, the KV tokens/bytes the policy will report after the
+block, and the FLOPs of the block (DESIGN §8 model, counted exactly for the attended tokens); and in
+total: the KV buffers the policy allocates (device / host), the weights, the FLOPs of the whole video,
+the physical-ceiling time at a peak throughput, and a predicted wall time when given a throughput
+calibrated from a measurement (`fit_calibration`, or the ``calibration`` block of a bench JSON).
+
+Token accounting (``T`` = patch tokens of one block, ``N_c`` = compressed tokens of one block; block
+``b`` is 0-based and ``b`` blocks are committed while it is denoised):
+
+=================  =======================================================================
+policy             keys attended by block ``b`` (its own ``T`` included)
+=================  =======================================================================
+full               ``(1 + b)·T``
+window             ``(1 + min(b, W))·T``
+sink_window        ``(1 + min(b, S + W))·T``
+packforcing        ``(1 + sink + recent)·T + min(top_k, archive)·N_c`` with ``sink = min(b, S)``,
+                   ``recent = min(b − sink, R)``, ``archive = min(b − sink − recent, capacity)``
+deep_sink          ``(1 + sink + recent)·T + min(C, m·T)`` with ``m = b − sink − recent`` blocks
+                   that have left ``recent`` and ``C`` = keep_tokens (default 2·T)
+=================  =======================================================================
+
+``kv_tokens[b]`` follows `CachePolicy.kv_tokens` after the commit of block ``b`` (what the sampler
+records): the stored history *plus the current-block slot* (and, for packforcing, every compressed
+backup and archive entry, and the selected copies in the workspace).
+
+FLOPs of one forward over ``n`` query tokens attending ``c`` keys, ``L`` text tokens, per layer
+(``D`` width, ``F`` FFN width; one multiply-add = 2 FLOPs): linear ``2n(4D² + 2D² + 2DF)`` (self q,k,v,o;
+cross q,o; FFN), text K/V ``4LD²``, self-attention ``4ncD``, cross-attention ``4nLD``; plus the patch
+embedding, output head and text/time embedders once per forward. A block is ``steps`` forwards plus
+the commit pass; a compressing policy's commit pass also runs the ``N_c`` compressed tokens through
+every layer, attending the context, the block and themselves (DESIGN §3.1 default).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from packforcing.configs import TINY, WAN21_T2V_1P3B
+
+#: DESIGN §8: H100/H200 dense bf16 peak used for the physical ceiling.
+PEAK_BF16_FLOPS = 790e12
+#: DESIGN §2: Wan2.1-1.3B parameter count used by the paper-style FLOP approximation.
+PAPER_PARAMS = 1.3e9
+#: UMT5-XXL encoder (Wan2.1's text encoder) parameter count: 256,384·4096 embeddings + 24 layers.
+UMT5_XXL_PARAMS = 256_384 * 4096 + 24 * (4 * 4096 * 4096 + 3 * 4096 * 10240 + 2 * 4096 + 32 * 64) + 4096  # 5.68e9
+
+SUPPORTED_POLICIES = ("full", "window", "sink_window", "packforcing", "deep_sink")
+
+
+def _tiny_vae() -> dict:
+    from packforcing.vae import tiny_vae_config
+
+    return tiny_vae_config()
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything the estimate depends on. ``model``: `WanTransformer3DModel` constructor args."""
+
+    name: str
+    model: dict
+    height: int
+    width: int
+    fps: int = 16
+    block_frames: int = 4
+    steps: int = 4
+    text_len: int = 512
+    dtype: str = "bfloat16"
+    vae_spatial: int = 8
+    batch: int = 1
+    vae: dict | None = None  # AutoencoderKLWan constructor args (None = diffusers defaults = Wan2.1)
+    compressor_mode: str = "both"
+    text_encoder_params: int = 0  # parameters of the text encoder (memory only)
+    vae_dtype: str = "float32"  # the library loads the VAE in float32
+
+    # -- derived ------------------------------------------------------------------------------
+    @property
+    def dim(self) -> int:
+        return self.model["num_attention_heads"] * self.model["attention_head_dim"]
+
+    @property
+    def layers(self) -> int:
+        return self.model["num_layers"]
+
+    @property
+    def latent_hw(self) -> tuple[int, int]:
+        return self.height // self.vae_spatial, self.width // self.vae_spatial
+
+    @property
+    def frame_hw(self) -> tuple[int, int]:
+        _, ph, pw = self.model.get("patch_size", (1, 2, 2))
+        h, w = self.latent_hw
+        return h // ph, w // pw
+
+    @property
+    def tokens_per_frame(self) -> int:
+        return self.frame_hw[0] * self.frame_hw[1]
+
+    @property
+    def tokens_per_block(self) -> int:
+        return self.block_frames * self.tokens_per_frame
+
+    @property
+    def compressed_tokens(self) -> int:
+        from packforcing.compressor import Compressor
+
+        return Compressor.num_tokens(self.block_frames, *self.latent_hw)
+
+    @property
+    def element_size(self) -> int:
+        return torch.empty((), dtype=getattr(torch, self.dtype)).element_size()
+
+    @property
+    def bytes_per_token(self) -> int:
+        """K and V of one token over all layers (184,320 B for Wan2.1-1.3B in bf16)."""
+        return 2 * self.layers * self.dim * self.element_size * self.batch
+
+    def geometry(self):
+        from packforcing.cache import CacheGeometry
+
+        m = self.model
+        return CacheGeometry(m["num_layers"], m["num_attention_heads"], m["attention_head_dim"], self.block_frames,
+                             self.frame_hw, batch_size=self.batch, dtype=getattr(torch, self.dtype))
+
+    def num_blocks(self, seconds: float) -> int:
+        """Same rule as `Pipeline.num_blocks`: round(seconds·fps / (4·block_frames)), at least 1."""
+        return max(1, round(float(seconds) * self.fps / (4 * self.block_frames)))
+
+    def pixel_frames(self, num_blocks: int) -> int:
+        return 4 * self.block_frames * num_blocks - 3
+
+
+PRESETS: dict[str, ModelSpec] = {
+    "tiny": ModelSpec("tiny", dict(TINY), height=128, width=128, text_len=32, dtype="float32", vae=_tiny_vae()),
+    "wan-1.3b": ModelSpec("wan-1.3b", dict(WAN21_T2V_1P3B), height=480, width=832, text_len=512, dtype="bfloat16",
+                          vae=None, text_encoder_params=UMT5_XXL_PARAMS),
+}
+
+
+def spec_from_pipeline(pipe, name: str | None = None) -> ModelSpec:
+    """The `ModelSpec` of a built `Pipeline` (what the app holds)."""
+    cfg = pipe.transformer.config
+    keys = {f for f in WAN21_T2V_1P3B}
+    model = {k: (tuple(v) if isinstance(v, list) else v) for k, v in dict(cfg).items() if k in keys}
+    text_len = getattr(pipe.text_encoder, "max_length", 512)
+    vae_cfg = {k: v for k, v in dict(pipe.vae.vae.config).items() if not k.startswith("_")}
+    text_params = 0
+    enc = getattr(pipe.text_encoder, "model", None)
+    if isinstance(enc, torch.nn.Module):
+        text_params = sum(p.numel() for p in enc.parameters())
+    return ModelSpec(
+        name or pipe.name, model, pipe.height, pipe.width, fps=pipe.fps, block_frames=pipe.block_frames,
+        steps=len(pipe.sampler.denoising_steps), text_len=int(text_len),
+        dtype=str(pipe.transformer.dtype).removeprefix("torch."), vae_spatial=pipe.vae.spatial_ratio,
+        vae=vae_cfg, compressor_mode=pipe.compressor.mode, text_encoder_params=text_params,
+        vae_dtype=str(pipe.vae.dtype).removeprefix("torch."),
+    )
+
+
+def resolve_spec(config) -> ModelSpec:
+    """A preset name, a `ModelSpec`, a `Pipeline`, or a dict of `ModelSpec` fields."""
+    if isinstance(config, ModelSpec):
+        return config
+    if isinstance(config, str):
+        if config not in PRESETS:
+            raise ValueError(f"unknown preset {config!r}; choose from {sorted(PRESETS)}")
+        return PRESETS[config]
+    if isinstance(config, dict):
+        return ModelSpec(**config)
+    if hasattr(config, "transformer") and hasattr(config, "vae"):
+        return spec_from_pipeline(config)
+    raise TypeError(f"cannot make a ModelSpec from {type(config).__name__}")
+
+
+# -- FLOP model -------------------------------------------------------------------------------------
+def layer_flops(spec: ModelSpec, n_query: int, context: int, text_len: int | None = None) -> dict[str, int]:
+    """FLOPs of one transformer layer for ``n_query`` tokens attending ``context`` keys."""
+    D, F = spec.dim, spec.model["ffn_dim"]
+    L = spec.text_len if text_len is None else text_len
+    n = n_query * spec.batch
+    return {
+        "linear": 2 * n * (6 * D * D + 2 * D * F),
+        "text_kv": 2 * L * spec.batch * 2 * D * D,
+        "self_attention": 4 * n * context * D,
+        "cross_attention": 4 * n * L * D,
+    }
+
+
+def forward_flops(spec: ModelSpec, n_query: int, context: int, *, embed: bool = True) -> dict[str, int]:
+    """FLOPs of one forward over all layers. ``embed``: add patch embedding, head, text/time embedders
+    (False for the compressed stream, which only runs through the blocks)."""
+    per = layer_flops(spec, n_query, context)
+    out = {k: v * spec.layers for k, v in per.items()}
+    if embed:
+        m, D = spec.model, spec.dim
+        patch = math.prod(m.get("patch_size", (1, 2, 2)))
+        n, L, B = n_query * spec.batch, spec.text_len, spec.batch
+        out["linear"] += 2 * n * patch * (m["in_channels"] + m["out_channels"]) * D
+        out["text_kv"] += 2 * L * B * (m["text_dim"] * D + D * D)
+        out["linear"] += 2 * B * (m["freq_dim"] * D + D * D + 6 * D * D)
+    return out
+
+
+def block_flops(spec: ModelSpec, attended: int, compressed: bool) -> dict[str, int]:
+    """FLOPs of one block: ``steps`` denoising forwards + the commit pass (+ compressed stream)."""
+    T = spec.tokens_per_block
+    total = {k: v * (spec.steps + 1) for k, v in forward_flops(spec, T, attended).items()}
+    if compressed:
+        n_c = spec.compressed_tokens
+        for k, v in forward_flops(spec, n_c, attended + n_c, embed=False).items():
+            total[k] += v
+    total["total"] = sum(total.values())
+    return total
+
+
+def paper_flops_per_block(attended: int = 27_872, tokens: int = 6_240, params: float = PAPER_PARAMS,
+                          dim: int = 1536, layers: int = 30, forwards: int = 5) -> dict[str, float]:
+    """DESIGN §8's approximation: linear 2·P·T, self-attention 4·T·A·D·L, per forward."""
+    linear = 2 * params * tokens
+    attention = 4 * tokens * attended * dim * layers
+    return {"linear": linear, "attention": attention, "forward": linear + attention,
+            "block": forwards * (linear + attention)}
+
+
+# -- policy plans ------------------------------------------------------------------------------------
+def _build_policy(spec: ModelSpec, policy: str, options: dict):
+    """The real policy object (validates options exactly like the library; allocates nothing)."""
+    from packforcing.cache import make_policy
+    from packforcing.compressor import Compressor
+
+    offsets = Compressor.token_centres(spec.block_frames, *spec.latent_hw)[0]
+    return make_policy(policy, spec.geometry(), compressed_t_offsets=offsets, **options)
+
+
+@dataclass
+class _Plan:
+    T: int
+    n_c: int
+    kind: str
+    sink: int = 0  # blocks
+    window: int = 0  # blocks (window / sink_window) or recent blocks (packforcing)
+    top_k: int = 0
+    capacity: int = 0
+    extra: dict = field(default_factory=dict)
+
+    # blocks committed before block b, split by partition (packforcing, deep_sink)
+    def _split(self, committed: int) -> tuple[int, int, int]:
+        sink = min(committed, self.sink)
+        recent = min(committed - sink, self.window)
+        archive = min(committed - sink - recent, self.capacity) if self.kind == "packforcing" else 0
+        return sink, recent, archive
+
+    def attended(self, b: int) -> int:
+        T = self.T
+        if self.kind == "full":
+            return (1 + b) * T
+        if self.kind == "window":
+            return (1 + min(b, self.window)) * T
+        if self.kind == "sink_window":
+            return (1 + min(b, self.sink + self.window)) * T
+        sink, recent, archive = self._split(b)
+        if self.kind == "deep_sink":
+            return (1 + sink + recent) * T + min(self.capacity, (b - sink - recent) * T)
+        return (1 + sink + recent) * T + min(self.top_k, archive) * self.n_c
+
+    def kv_tokens_after(self, b: int) -> int:
+        """`policy.kv_tokens()` after block ``b`` was committed (the sampler's record)."""
+        T, c = self.T, b + 1
+        if self.kind == "full":
+            return (c + 1) * T
+        if self.kind == "window":
+            return (min(c, self.window) + 1) * T
+        if self.kind == "sink_window":
+            held = min(c, self.sink) + min(max(0, c - self.sink), self.window)
+            return (held + 1) * T
+        sink, recent, archive = self._split(c)
+        if self.kind == "deep_sink":  # kept tokens (selected at block b) are the whole middle
+            s_b, r_b, _ = self._split(b)
+            return (1 + sink + recent) * T + min(self.capacity, (b - s_b - r_b) * T)
+        selected = min(self.top_k, self._split(b)[2])
+        return (1 + sink + recent) * T + (archive + recent + selected) * self.n_c
+
+    def compresses(self, b: int) -> bool:
+        return self.kind == "packforcing" and b >= self.sink
+
+
+def _plan(spec: ModelSpec, policy: str, options: dict) -> tuple[_Plan, Any]:
+    if policy not in SUPPORTED_POLICIES:
+        raise ValueError(f"no estimate for policy {policy!r}; supported: {', '.join(SUPPORTED_POLICIES)}")
+    obj = _build_policy(spec, policy, options)
+    T, n_c = spec.tokens_per_block, spec.compressed_tokens
+    if policy == "full":
+        return _Plan(T, n_c, "full"), obj
+    if policy == "window":
+        return _Plan(T, n_c, "window", window=obj.window_blocks), obj
+    if policy == "sink_window":
+        return _Plan(T, n_c, "sink_window", sink=obj.sink_blocks, window=obj.window_blocks), obj
+    if policy == "deep_sink":  # capacity = kept tokens C; the archive of blocks is unbounded here
+        return _Plan(T, n_c, "deep_sink", sink=obj.n_sink, window=obj.n_recent, capacity=obj.keep), obj
+    c = obj.config
+    return _Plan(T, n_c, "packforcing", sink=obj.n_sink, window=obj.n_recent, top_k=c.top_k,
+                 capacity=c.archive_blocks), obj
+
+
+def allocated_kv_bytes(spec: ModelSpec, policy: str, num_blocks: int, **options) -> dict[str, int]:
+    """Bytes the policy preallocates at ``reset(num_blocks)``: {"device": ..., "host": ...}.
+
+    Mirrors `SlotCache.reset` / `PackForcingCache.reset` (KV buffers in the model dtype, scoring
+    buffers in float32).
+    """
+    plan, obj = _plan(spec, policy, options)
+    bpt, T = spec.bytes_per_token, spec.tokens_per_block
+    if plan.kind == "full":
+        return {"device": (1 + num_blocks) * T * bpt, "host": 0}
+    if plan.kind in ("window", "sink_window"):
+        return {"device": (1 + plan.sink + plan.window) * T * bpt, "host": 0}
+    if plan.kind == "deep_sink":  # workspace [current|sink|recent|kept C|incoming T]; index tables on the host
+        tokens = T * (2 + plan.sink + plan.window) + plan.capacity
+        return {"device": tokens * bpt, "host": 16 * spec.layers * plan.capacity}
+    c, n_c, g = obj.config, plan.n_c, spec.geometry()
+    ws = T * (1 + plan.sink + plan.window) + (c.top_k + 1) * n_c
+    device_tokens = ws + n_c + plan.window * n_c  # workspace + pending + recent backups
+    archive = c.archive_blocks * n_c * bpt
+    heads_s = len(range(0, g.num_heads, 2))
+    n_q = max(1, c.score_queries // (1 + plan.window))
+    f32 = 4 * g.num_layers * g.batch_size * heads_s * g.head_dim
+    scoring = f32 * (c.archive_blocks + n_q + plan.window * n_q)
+    on_host = c.archive_device is not None and str(c.archive_device) == "cpu"
+    return {"device": device_tokens * bpt + scoring + (0 if on_host else archive), "host": archive if on_host else 0}
+
+
+# -- parameters --------------------------------------------------------------------------------------
+def _meta_params(build) -> int:
+    with torch.device("meta"):
+        module = build()
+    return sum(p.numel() for p in module.parameters())
+
+
+def parameter_counts(spec: ModelSpec) -> dict[str, int]:
+    """Exact parameter counts (modules built on the meta device: no memory, ~0.1 s)."""
+    from diffusers import AutoencoderKLWan
+
+    from packforcing.compressor import Compressor
+    from packforcing.model import CausalWanTransformer
+
+    return {
+        "transformer": _meta_params(lambda: CausalWanTransformer(**spec.model)),
+        "vae": _meta_params(lambda: AutoencoderKLWan(**(spec.vae or {}))),
+        "compressor": _meta_params(lambda: Compressor(spec.dim, mode=spec.compressor_mode)),
+        "text_encoder": int(spec.text_encoder_params),
+    }
+
+
+# -- the estimate ------------------------------------------------------------------------------------
+def estimate(
+    config="wan-1.3b",
+    policy: str = "packforcing",
+    seconds: float = 120.0,
+    *,
+    num_blocks: int | None = None,
+    calibration: dict | None = None,
+    flops_per_second: float | None = None,
+    fixed_seconds_per_block: float = 0.0,
+    peak_flops: float = PEAK_BF16_FLOPS,
+    text_encoder_on_device: bool = False,
+    with_params: bool = True,
+    **options,
+) -> dict:
+    """Predict memory and time of one run before running it.
+
+    config: preset name ("tiny", "wan-1.3b"), `ModelSpec`, `Pipeline` or dict. policy/options: as
+    `make_policy`. seconds: video length (blocks by the pipeline's rule) unless ``num_blocks``.
+    calibration: ``{"flops_per_second", "fixed_seconds_per_block"}`` (see `fit_calibration`), or give
+    ``flops_per_second`` / ``fixed_seconds_per_block`` directly; without a throughput the predicted
+    times are None (the ceiling at ``peak_flops`` is always given).
+    """
+    spec = resolve_spec(config)
+    options = {k: v for k, v in options.items() if v is not None}
+    n = int(num_blocks) if num_blocks is not None else spec.num_blocks(seconds)
+    if n <= 0:
+        raise ValueError(f"num_blocks must be positive, got {n}")
+    plan, _ = _plan(spec, policy, options)
+    T, n_c, bpt = spec.tokens_per_block, spec.compressed_tokens, spec.bytes_per_token
+    attended = [plan.attended(b) for b in range(n)]
+    kv_tokens = [plan.kv_tokens_after(b) for b in range(n)]
+    per_block = [block_flops(spec, a, plan.compresses(b)) for b, a in enumerate(attended)]
+    flops = [f["total"] for f in per_block]
+    breakdown = {k: int(sum(f[k] for f in per_block)) for k in per_block[0] if k != "total"}
+    alloc = allocated_kv_bytes(spec, policy, n, **options)
+
+    if calibration:
+        flops_per_second = calibration.get("flops_per_second", flops_per_second)
+        fixed_seconds_per_block = calibration.get("fixed_seconds_per_block", fixed_seconds_per_block)
+    block_seconds = None
+    if flops_per_second:
+        block_seconds = [fixed_seconds_per_block + f / flops_per_second for f in flops]
+    frames = spec.pixel_frames(n)
+    total_flops = int(sum(flops))
+
+    out: dict[str, Any] = {
+        "preset": spec.name, "policy": policy, "options": options, "seconds": float(seconds),
+        "num_blocks": n, "pixel_frames": frames, "video_seconds": frames / spec.fps,
+        "tokens_per_block": T, "compressed_tokens_per_block": n_c, "bytes_per_token": bpt,
+        "attended_tokens": attended,
+        "attended_history_tokens": [a - T for a in attended],
+        "kv_tokens": kv_tokens,
+        "kv_bytes": [k * bpt for k in kv_tokens],
+        "stored_history_tokens": [k - T for k in kv_tokens],
+        "flops": flops,
+        "flops_breakdown": breakdown,
+        "total_flops": total_flops,
+        "max_attended_tokens": max(attended),
+        "max_attended_history_bytes": (max(attended) - T) * bpt,
+        "peak_kv_bytes": max(kv_tokens) * bpt,
+        "final_kv_bytes": kv_tokens[-1] * bpt,
+        "kv_allocated_bytes": alloc,
+        "peak_flops": peak_flops,
+        "ceiling_seconds": total_flops / peak_flops,
+        "ceiling_fps": frames / (total_flops / peak_flops),
+        "flops_per_second": flops_per_second,
+        "fixed_seconds_per_block": fixed_seconds_per_block if flops_per_second else None,
+        "predicted_block_seconds": block_seconds,
+        "predicted_seconds": sum(block_seconds) if block_seconds else None,
+        "predicted_fps": frames / sum(block_seconds) if block_seconds else None,
+    }
+    if with_params:
+        params = parameter_counts(spec)
+        elem = spec.element_size
+        weights = {k: v * elem for k, v in params.items()}
+        weights["vae"] = params["vae"] * torch.empty((), dtype=getattr(torch, spec.vae_dtype)).element_size()
+        out["params"] = params
+        out["weights_bytes"] = weights
+        resident = weights["transformer"] + weights["vae"] + weights["compressor"]
+        if text_encoder_on_device:
+            resident += weights["text_encoder"]
+        # Lower bound: weights + KV buffers; activations and the VAE decode working set come on top.
+        out["device_memory_lower_bound_bytes"] = resident + alloc["device"]
+    return out
+
+
+def fit_calibration(flops, seconds) -> dict:
+    """Least squares ``seconds = fixed + flops / throughput`` over measured blocks.
+
+    Returns ``{"flops_per_second", "fixed_seconds_per_block", "r2", "n"}``; with too little spread in
+    ``flops`` (one policy of constant cost) only the mean is fitted (fixed = 0 is not assumed:
+    throughput = total flops / total seconds, fixed = 0).
+    """
+    x = np.asarray(flops, dtype=float)
+    y = np.asarray(seconds, dtype=float)
+    if len(x) != len(y) or len(x) == 0:
+        raise ValueError("need equal, non-empty flops and seconds")
+    if len(x) >= 3 and x.std() > 0.05 * max(x.mean(), 1.0):
+        slope, intercept = np.polyfit(x, y, 1)
+        if slope > 0 and intercept >= 0:
+            pred = intercept + slope * x
+            ss = float(((y - y.mean()) ** 2).sum())
+            r2 = 1 - float(((y - pred) ** 2).sum()) / ss if ss else float("nan")
+            return {"flops_per_second": float(1.0 / slope), "fixed_seconds_per_block": float(intercept), "r2": r2,
+                    "n": int(len(x))}
+    return {"flops_per_second": float(x.sum() / y.sum()), "fixed_seconds_per_block": 0.0, "r2": float("nan"),
+            "n": int(len(x))}
+
+
+def load_calibration(path, preset: str | None = None) -> dict | None:
+    """The ``calibration`` block of a bench JSON (``python -m analysis.bench --out DIR``)."""
+    data = json.loads(Path(path).read_text())
+    if preset is not None and data.get("preset") != preset:
+        return None
+    return data.get("calibration")
+
+
+def paper_check(spec: ModelSpec | str = "wan-1.3b") -> dict:
+    """The DESIGN §2 numbers recomputed from the config (attended, history, bytes)."""
+    spec = resolve_spec(spec)
+    pf = estimate(spec, "packforcing", 120, with_params=False)
+    full = estimate(spec, "full", 120, with_params=False)
+    T = spec.tokens_per_block
+    return {
+        "tokens_per_frame": spec.tokens_per_frame,
+        "tokens_per_block": T,
+        "compressed_tokens_per_block": spec.compressed_tokens,
+        "bytes_per_token": spec.bytes_per_token,
+        "attended_tokens": pf["max_attended_tokens"],
+        "history_tokens": pf["max_attended_tokens"] - T,
+        "history_bytes": pf["max_attended_history_bytes"],
+        "full_history_tokens_120s": full["stored_history_tokens"][-1],
+        "full_history_bytes_120s": full["stored_history_tokens"][-1] * spec.bytes_per_token,
+        "paper_flops_per_block": paper_flops_per_block(pf["max_attended_tokens"], T, dim=spec.dim,
+                                                       layers=spec.layers, forwards=spec.steps + 1)["block"],
+        "model_flops_per_block_steady": pf["flops"][-1],
+    }
+
+
+def summary_line(est: dict) -> str:
+    """One human line for the app: KV, attended, FLOPs, time."""
+    gb = 1e9
+    text = (f"{est['policy']}: {est['num_blocks']} blocks, attends ≤ {est['max_attended_tokens']:,} tokens, "
+            f"KV {est['peak_kv_bytes'] / gb:.2f} GB stored (attended history {est['max_attended_history_bytes'] / gb:.2f} GB), "
+            f"{est['total_flops'] / 1e15:.2f} PFLOP")
+    if est.get("predicted_seconds"):
+        text += f", ≈{est['predicted_seconds']:.0f} s ({est['predicted_fps']:.1f} fps)"
+    return text
+
+
+__all__ = [
+    "ModelSpec", "PRESETS", "PEAK_BF16_FLOPS", "estimate", "fit_calibration", "load_calibration", "paper_check",
+    "block_flops", "forward_flops", "layer_flops", "paper_flops_per_block", "allocated_kv_bytes", "parameter_counts",
+    "resolve_spec", "spec_from_pipeline", "summary_line",
+]
+
