@@ -1,7 +1,9 @@
 """PackForcing Studio: the Gradio app (UI wiring only; the run logic is in packforcing/studio.py).
 
 Run ``python app.py`` and open http://127.0.0.1:7860 (``GRADIO_SERVER_NAME`` /
-``GRADIO_SERVER_PORT`` are respected; ``PACKFORCING_MAX_SECONDS`` raises the 120 s limit).
+``GRADIO_SERVER_PORT`` are respected). The limits a Space operator can set (maximum duration,
+concurrent runs, queue size, allowed models, models directory, run-file retention) are environment
+variables read by `packforcing.safety`.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import os
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no network calls of our own making
 
 # studio imports `spaces` before torch, as ZeroGPU requires.
-from packforcing import studio  # noqa: E402, I001
+from packforcing import safety, studio  # noqa: E402, I001
 
 import html  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -273,6 +275,11 @@ def stop(request: gr.Request):
         gr.Info("Stopping after the current block…")
 
 
+def on_unload(request: gr.Request):
+    """The browser tab closed: stop that session's run (its partial video stays in its run directory)."""
+    studio.RUNS.stop(_session(request))
+
+
 def on_policy(policy):
     """Show the knobs of the chosen policy (with its defaults) and hide the others."""
     knobs = studio.policy_knobs(policy)
@@ -319,9 +326,12 @@ def build_demo() -> gr.Blocks:
         every_knob.update({k: v for k, v in studio.policy_knobs(p).items() if k not in every_knob})
     layers = [("mean over layers", "mean")] + [(f"layer {i}", str(i)) for i in range(pipe.transformer.config.num_layers)]
     examples = load_examples()
-    limit = studio.max_seconds()
+    limit, shortest = studio.max_seconds(), studio.min_seconds()
+    concurrency = safety.concurrency_limit()
+    ttl = int(safety.run_ttl_s())
 
-    with gr.Blocks(title="PackForcing Studio") as demo:
+    # Gradio's own copies of the output files expire like the run directories do
+    with gr.Blocks(title="PackForcing Studio", delete_cache=(min(3600, ttl), ttl)) as demo:
         gr.Markdown(
             "# PackForcing Studio\n"
             "Minute-long video from a model trained on 5-second clips, with a **bounded KV cache**: "
@@ -339,8 +349,8 @@ def build_demo() -> gr.Blocks:
                 if examples:
                     gr.Examples([[e] for e in examples], inputs=[prompt], label="Example prompts",
                                 cache_examples=False, examples_per_page=6)
-                seconds = gr.Slider(studio.MIN_SECONDS, limit, value=studio.MIN_SECONDS, step=1,
-                                    label="Duration (seconds)", info=f"{studio.MIN_SECONDS:g}–{limit:g} s")
+                seconds = gr.Slider(shortest, limit, value=max(shortest, min(studio.MIN_SECONDS, limit)), step=1,
+                                    label="Duration (seconds)", info=f"{shortest:g}–{limit:g} s")
                 with gr.Row():
                     seed = gr.Number(0, precision=0, label="Seed", minimum=0)
                     randomize = gr.Checkbox(False, label="Random seed", info="draw a new seed each run")
@@ -367,9 +377,9 @@ def build_demo() -> gr.Blocks:
                                     name in default_knobs)
                     knobs = [knob_by_name[name] for name in KNOB_NAMES]
                 with gr.Accordion("Model", open=False):
-                    model = gr.Dropdown(studio.model_choices(), value=studio.DEFAULT_MODEL, label="Model")
-                    gr.Textbox(label="Wan2.1 / Self-Forcing checkpoint (local path or hub id)", interactive=False,
-                               placeholder="not yet wired", info=studio.CHECKPOINT_NOTE)
+                    model = gr.Dropdown(studio.model_choices(), value=studio.DEFAULT_MODEL, label="Model",
+                                        allow_custom_value=safety.models_dir() is not None,
+                                        info=studio.CHECKPOINT_NOTE)
             with gr.Column(scale=6):
                 with gr.Tabs():
                     with gr.Tab("Generate"):
@@ -427,12 +437,13 @@ def build_demo() -> gr.Blocks:
         policy.change(on_policy, policy, [policy_note, compressor, advanced, *knobs], api_visibility="private",
                       queue=False)
         generate_btn.click(_lock, None, buttons, queue=False, api_visibility="private").then(
-            generate, inputs, outputs, api_name="generate", concurrency_id="generation", concurrency_limit=1,
+            generate, inputs, outputs, api_name="generate", concurrency_id="generation",
+            concurrency_limit=concurrency,
         ).then(_unlock, None, buttons, queue=False, api_visibility="private")
         compare_btn.click(_lock, None, buttons, queue=False, api_visibility="private").then(
             compare, [*inputs, compare_policies], [compare_progress, *compare_videos, compare_plot, compare_table,
                                                    seed],
-            api_name="compare", concurrency_id="generation", concurrency_limit=1,
+            api_name="compare", concurrency_id="generation", concurrency_limit=concurrency,
         ).then(_unlock, None, buttons, queue=False, api_visibility="private")
         for button in (stop_btn, compare_stop):
             button.click(stop, None, None, api_name="stop", concurrency_limit=None,
@@ -446,7 +457,8 @@ def build_demo() -> gr.Blocks:
         for control in (rope_block, rope_layer):
             control.input(rope_plot, [tables_state, rope_block, rope_layer], rope, api_visibility="private",
                            concurrency_limit=None)
-    demo.queue(default_concurrency_limit=1)
+        demo.unload(on_unload)
+    demo.queue(default_concurrency_limit=concurrency, max_size=safety.queue_size())
     return demo
 
 

@@ -7,6 +7,7 @@ diffusers-format Wan2.1 directory or cached hub id, optionally with a Self-Forci
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 
@@ -61,10 +62,41 @@ def policy_options(args) -> dict:
     return options
 
 
+TRACE_SUFFIXES = (".parquet", ".csv", ".json")
+
+
+def _fail(message: str, code: int = 2) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return code
+
+
+def check_paths(args) -> str | None:
+    """What is wrong with the output paths (checked before any work is done), or None."""
+    from pathlib import Path
+
+    out = Path(args.out)
+    if out.is_dir():
+        return f"--out {args.out!r} is a directory; give a file name such as video.mp4"
+    if out.suffix.lower() != ".mp4":
+        return f"--out {args.out!r} must end in .mp4"
+    if args.trace is not None:
+        trace = Path(args.trace)
+        if trace.is_dir():
+            return f"--trace {args.trace!r} is a directory"
+        if trace.suffix.lower() not in TRACE_SUFFIXES:
+            return f"--trace {args.trace!r} must end in one of {', '.join(TRACE_SUFFIXES)}"
+    if args.max_seconds is not None and not (math.isfinite(args.max_seconds) and args.max_seconds > 0):
+        return f"--max-seconds must be a positive number, got {args.max_seconds}"
+    return None
+
+
 def generate(args) -> int:
     from .pipeline import Pipeline, to_uint8, write_video
     from .trace import NullRecorder, TraceRecorder
 
+    problem = check_paths(args)
+    if problem:
+        return _fail(problem)
     try:
         if args.model is not None:
             import torch
@@ -89,14 +121,27 @@ def generate(args) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    frames, t0 = [], time.perf_counter()
+    frames, t0, failure = [], time.perf_counter(), None
     with tqdm(total=total, unit="block", desc=f"{args.policy}") as bar:
-        for block in blocks:
-            frames.append(to_uint8(block.pixels))
-            bar.set_postfix(kv_MB=f"{_kv_mb(recorder, block):.1f}")
-            bar.update(1)
+        try:
+            for block in blocks:
+                frames.append(to_uint8(block.pixels))
+                bar.set_postfix(kv_MB=f"{_kv_mb(recorder, block):.1f}")
+                bar.update(1)
+        except (KeyboardInterrupt, Exception) as err:  # Ctrl-C, out of memory, a failing block
+            failure = err
+        finally:
+            blocks.close()  # frees the cache
     import numpy as np
 
+    if failure is not None:
+        what = "interrupted" if isinstance(failure, KeyboardInterrupt) else f"{type(failure).__name__}: {failure}"
+        if not frames:
+            return _fail(f"generation failed at block 1 ({what}); nothing was written", 1)
+        path = write_video(np.concatenate(frames), args.out, fps=pipe.fps)
+        return _fail(f"generation stopped at block {len(frames) + 1} of {total} ({what}); "
+                     f"the {len(frames)} finished blocks were written to {path}",
+                     130 if isinstance(failure, KeyboardInterrupt) else 1)
     video = np.concatenate(frames)
     path = write_video(video, args.out, fps=pipe.fps)
     seconds = time.perf_counter() - t0
@@ -123,7 +168,11 @@ def _cuda() -> bool:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run the command line; returns the exit code (2 = bad input, with "error: ..." on stderr)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit_:  # argparse: bad or missing arguments (it printed the reason), --help
+        return exit_.code if isinstance(exit_.code, int) else 2
     if args.command == "generate":
         return generate(args)
     return 2

@@ -9,14 +9,16 @@ adds 4·B_f pixel frames (the first block 4·B_f − 3), so 5 s at 16 fps with 4
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from diffusers import AutoencoderKLWan
 
-from .cache import CacheGeometry, make_policy
+from .cache import POLICIES, CacheGeometry, make_policy
 from .compressor import Compressor
 from .configs import TINY
 from .model import CausalWanTransformer
@@ -26,6 +28,25 @@ from .vae import WanVAE, tiny_vae_config
 DEFAULT_MAX_SECONDS = 120.0
 MAX_PROMPT_CHARS = 2000
 COMPRESSOR_MODES = ("lr", "hr", "both")
+# Policy options that count something must be whole numbers in [0, limit]. The limits are far beyond
+# any useful setting (1,024 latent frames = 4 min of 16 fps video; the default maximum video is 120 s)
+# and keep an absurd value from reaching an allocation; `Pipeline.check_cache_memory` then compares
+# what the settings would really allocate with the memory that is free.
+MAX_CACHE_FRAMES = 1024  # sink_frames, recent_frames, window_frames (latent frames)
+MAX_CACHE_BLOCKS = 1024  # top_k, archive_blocks (blocks)
+MAX_SCORE_QUERIES = 65536
+COUNT_OPTIONS = {
+    "sink_frames": (MAX_CACHE_FRAMES, "latent frames"),
+    "recent_frames": (MAX_CACHE_FRAMES, "latent frames"),
+    "window_frames": (MAX_CACHE_FRAMES, "latent frames"),
+    "top_k": (MAX_CACHE_BLOCKS, "blocks"),
+    "archive_blocks": (MAX_CACHE_BLOCKS, "blocks"),
+    "score_queries": (MAX_SCORE_QUERIES, "query tokens"),
+    "keep_tokens": (None, "tokens"),  # limit: MAX_CACHE_FRAMES frames' worth of tokens
+}
+FLAG_OPTIONS = ("rope_adjust",)
+MIN_COMPRESSED_LATENT = 8  # compressing policies: both compressor branches need latent frames >= 8x8
+MEMORY_HEADROOM = 0.9  # a cache may take at most this share of the free memory
 
 
 class Pipeline:
@@ -151,11 +172,17 @@ class Pipeline:
     def num_blocks(self, seconds: float) -> int:
         """Blocks for a requested duration; raises ValueError outside (0, max_seconds]."""
         try:
+            if isinstance(seconds, bool):
+                raise TypeError
             seconds = float(seconds)
+        except OverflowError:  # an int beyond float range
+            seconds = math.inf if seconds > 0 else -math.inf
         except (TypeError, ValueError):
             raise ValueError(f"duration must be a number of seconds, got {seconds!r}") from None
-        if not math.isfinite(seconds) or seconds <= 0:
-            raise ValueError(f"duration must be a positive number of seconds, got {seconds}")
+        if not math.isfinite(seconds):
+            raise ValueError(f"duration must be a positive, finite number of seconds, got {seconds}")
+        if seconds <= 0:
+            raise ValueError(f"duration must be a positive number of seconds, got {seconds:g}")
         if seconds > self.max_seconds:
             raise ValueError(f"duration {seconds:g} s exceeds the maximum of {self.max_seconds:g} s")
         return max(1, round(seconds * self.fps / (4 * self.block_frames)))
@@ -173,10 +200,72 @@ class Pipeline:
             alt.hr.load_state_dict(self.compressor.hr.state_dict())
         return alt
 
+    def check_policy_options(self, name, options: dict) -> dict:
+        """Validate a policy name and the types and ranges of its options (before anything is built).
+
+        Counting options (frames, blocks, tokens) must be whole numbers in [0, limit] (see
+        `COUNT_OPTIONS`; 4.0 is taken as 4, 2.5 and True are refused); flags must be booleans.
+        Returns the options normalised. Whether a value fits the policy (whole blocks, at least one
+        block of window...) is checked by the policy itself."""
+        if not isinstance(name, str) or name not in POLICIES:
+            raise ValueError(f"unknown cache policy {name!r}; choose from {sorted(POLICIES)}")
+        out = {}
+        for key, value in options.items():
+            if key in COUNT_OPTIONS:
+                if isinstance(value, (float, np.floating)) and math.isfinite(value) and float(value).is_integer():
+                    value = int(value)
+                if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                    raise ValueError(f"{key} must be a whole number, got {value!r}")
+                value = int(value)
+                limit, unit = COUNT_OPTIONS[key]
+                if limit is None:
+                    limit = MAX_CACHE_FRAMES * self.geometry().tokens_per_frame
+                if value < 0:
+                    raise ValueError(f"{key} must be >= 0 {unit}, got {value}")
+                if value > limit:
+                    raise ValueError(f"{key}={value} is too large: at most {limit} {unit}")
+            elif key in FLAG_OPTIONS and not isinstance(value, (bool, np.bool_)):
+                raise ValueError(f"{key} must be true or false, got {value!r}")
+            out[key] = value
+        return out
+
+    def cache_bytes(self, name: str, num_blocks: int, **options) -> int:
+        """Bytes the policy's buffers take for a ``num_blocks`` video (allocated on the meta device:
+        nothing real is allocated). Options are not validated here beyond what the policy checks."""
+        from .compressor import Compressor as _Compressor
+
+        offsets = _Compressor.token_centres(self.block_frames, *self.latent_hw)[0]
+        geometry = dataclasses.replace(self.geometry(), device=torch.device("meta"))
+        options = {k: v for k, v in options.items() if k != "archive_device"}  # counted as device memory
+        policy = make_policy(name, geometry, compressed_t_offsets=offsets, **options)
+        with torch.device("meta"):
+            policy.reset(num_blocks)
+        return sum(t.numel() * t.element_size() for t in vars(policy).values() if isinstance(t, torch.Tensor))
+
+    def check_cache_memory(self, name: str, num_blocks: int, **options) -> int:
+        """Raise ValueError if the cache would take more than `MEMORY_HEADROOM` of the free memory
+        of the model's device (estimated with `cache_bytes`); returns the estimate in bytes."""
+        need = self.cache_bytes(name, num_blocks, **options)
+        free = available_memory(self.transformer.device)
+        if free is not None and need > MEMORY_HEADROOM * free:
+            raise ValueError(
+                f"cache policy {name!r} with these settings needs {need / 2**30:.2f} GiB for its KV cache "
+                f"({num_blocks} blocks) but only {free / 2**30:.2f} GiB of memory is free on "
+                f"{self.transformer.device}; use fewer sink/recent/window frames, a smaller top_k or "
+                "archive, or a shorter video")
+        return need
+
     def build_policy(self, name: str, recorder=None, compressor_mode: str | None = None, **options):
+        options = self.check_policy_options(name, options)
         compressor = self.compressor_for(compressor_mode)
         offsets = compressor.token_centres(self.block_frames, *self.latent_hw)[0]
-        return make_policy(name, self.geometry(), recorder=recorder, compressed_t_offsets=offsets, **options), compressor
+        policy = make_policy(name, self.geometry(), recorder=recorder, compressed_t_offsets=offsets, **options)
+        if policy.compresses and min(self.latent_hw) < MIN_COMPRESSED_LATENT:
+            side = MIN_COMPRESSED_LATENT * self.vae.spatial_ratio
+            raise ValueError(f"cache policy {name!r} compresses blocks, which needs frames of at least {side}x{side} "
+                             f"pixels; this pipeline makes {self.width}x{self.height}: use another policy or a "
+                             "larger size")
+        return policy, compressor
 
     # -- generation ----------------------------------------------------------------------------
     def encode_prompt(self, prompt: str) -> torch.Tensor:
@@ -197,7 +286,9 @@ class Pipeline:
         num_blocks = self.num_blocks(seconds)
         seed = check_seed(seed)
         check_prompt(prompt)
+        policy_options = self.check_policy_options(policy, policy_options)
         cache, compressor = self.build_policy(policy, recorder, compressor_mode, **policy_options)
+        self.check_cache_memory(policy, num_blocks, **policy_options)
         text = self.encode_prompt(prompt)
         if recorder is not None and recorder.enabled:
             recorder.meta.update(
@@ -216,7 +307,9 @@ class Pipeline:
 
 def check_prompt(prompt) -> str:
     """Any script works; empty prompts and prompts over `MAX_PROMPT_CHARS` characters are refused."""
-    if not isinstance(prompt, str) or not prompt.strip():
+    if prompt is not None and not isinstance(prompt, str):
+        raise ValueError(f"prompt must be text, got {type(prompt).__name__}")
+    if not prompt or not prompt.strip():
         raise ValueError("prompt is empty")
     if len(prompt) > MAX_PROMPT_CHARS:
         raise ValueError(f"prompt is too long: {len(prompt)} characters (at most {MAX_PROMPT_CHARS})")
@@ -235,6 +328,23 @@ def check_seed(seed) -> int:
     return int(seed)
 
 
+def available_memory(device) -> int | None:
+    """Free memory in bytes on ``device`` (CUDA: free + cached by PyTorch; CPU: MemAvailable), or None."""
+    device = torch.device(device)
+    try:
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+        if device.type == "cpu":
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+    except (OSError, RuntimeError, ValueError):
+        pass
+    return None
+
+
 def to_uint8(pixels: torch.Tensor) -> np.ndarray:
     """[1, 3, T, H, W] in [-1, 1] -> uint8 [T, H, W, 3]."""
     x = ((pixels[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
@@ -244,6 +354,10 @@ def to_uint8(pixels: torch.Tensor) -> np.ndarray:
 def write_video(frames: np.ndarray, path: str | Path, fps: int = 16) -> Path:
     """Write uint8 [T, H, W, 3] to an H.264 mp4 with imageio-ffmpeg (no resizing)."""
     import imageio.v2 as imageio
+
+    # imageio-ffmpeg starts ffmpeg with preexec_fn, which can deadlock the child in a process with
+    # other threads (seen: a 20-minute hang); this switches that off.
+    os.environ.setdefault("IMAGEIO_FFMPEG_NO_PREVENT_SIGINT", "1")
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

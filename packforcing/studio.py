@@ -25,8 +25,12 @@ from __future__ import annotations
 # `spaces` must be imported before anything initialises CUDA (torch is imported below).
 import spaces  # noqa: I001
 
+import collections
+import contextlib
 import contextvars
 import dataclasses
+import functools
+import gc
 import inspect
 import logging
 import math
@@ -45,20 +49,28 @@ import numpy as np
 import pandas as pd
 import torch
 
+from . import safety
 from .cache import POLICIES
-from .pipeline import COMPRESSOR_MODES, DEFAULT_MAX_SECONDS, Pipeline, check_seed, to_uint8, write_video
+from .pipeline import COMPRESSOR_MODES, Pipeline, check_seed, to_uint8, write_video
 from .trace import TABLES, TraceRecorder, empty_tables, save_tables, summarize
 
 log = logging.getLogger(__name__)
 
-MIN_SECONDS = 5.0
+# imageio-ffmpeg starts its ffmpeg writer with preexec_fn=os.setpgrp, so subprocess forks *and runs
+# Python's at-fork handlers in the child*. In a process with other threads (the Gradio server, HTTP
+# clients) the child can deadlock before exec (seen here: a lock inside OpenSSL held by another thread
+# at fork time), and the run waits for it forever. Without preexec_fn, subprocess execs at once.
+os.environ.setdefault("IMAGEIO_FFMPEG_NO_PREVENT_SIGINT", "1")
+
+MIN_SECONDS = safety.DEFAULT_MIN_SECONDS  # the default; PACKFORCING_MIN_SECONDS may lower it (see min_seconds)
 MAX_PROMPT_CHARS = 500
 MAX_SEED = 2**31 - 1  # what a random seed is drawn from (any seed in [0, 2**63) is accepted)
 POLICY_ORDER = ("packforcing", "sink_window", "window", "deep_sink", "full")
-RUNS_DIR_ENV = "PACKFORCING_RUNS_DIR"
-MAX_SECONDS_ENV = "PACKFORCING_MAX_SECONDS"
+RUNS_DIR_ENV = safety.RUNS_DIR_ENV
+MAX_SECONDS_ENV = safety.MAX_SECONDS_ENV
 RUN_DIR_PREFIX = "packforcing-run-"
-RUN_MAX_AGE_S = 6 * 3600  # per-run directories older than this are removed when a run starts
+RUN_MAX_AGE_S = safety.DEFAULT_RUN_TTL_S  # default age after which finished runs' directories are removed
+MAX_LOADED_MODELS = 2  # pipelines kept in memory (the embedded one always stays)
 
 # ZeroGPU duration estimate (seconds of GPU time requested per call).
 GPU_OVERHEAD_S = 20.0  # moving weights, warm-up, writing the video
@@ -86,48 +98,114 @@ MODELS: dict[str, ModelChoice] = {
 }
 DEFAULT_MODEL = "embedded"
 CHECKPOINT_NOTE = (
-    "Wan2.1 / Self-Forcing checkpoints (a local path or a Hugging Face hub id) need a GPU Space "
-    "and are not wired into the Studio yet."
+    "Wan2.1 models: an allow-listed Hugging Face hub id (PACKFORCING_ALLOWED_MODELS, loaded from the "
+    "Space's cache only) or a directory inside PACKFORCING_MODELS_DIR; they need a GPU Space."
 )
 
-_PIPELINES: dict[str, Pipeline] = {}
+_PIPELINES: collections.OrderedDict[str, Pipeline] = collections.OrderedDict()
 _PIPELINES_LOCK = threading.Lock()
 
 
 def model_choices() -> list[tuple[str, str]]:
-    """(label, key) pairs for a dropdown."""
-    return [(m.label, m.key) for m in MODELS.values() if m.available]
+    """(label, key) pairs for a dropdown: the embedded model(s) and the allow-listed hub ids."""
+    choices = [(m.label, m.key) for m in MODELS.values() if m.available]
+    return choices + [(f"{hub_id} (Hugging Face hub, GPU)", hub_id) for hub_id in safety.allowed_models()
+                      if hub_id not in MODELS]
 
 
 def max_seconds() -> float:
     """The duration limit: 120 s unless ``PACKFORCING_MAX_SECONDS`` says otherwise."""
-    raw = os.environ.get(MAX_SECONDS_ENV, "").strip()
-    if not raw:
-        return DEFAULT_MAX_SECONDS
+    return safety.max_seconds()
+
+
+def min_seconds() -> float:
+    """The shortest duration: 5 s unless ``PACKFORCING_MIN_SECONDS`` says otherwise (at least 1 s)."""
+    return safety.min_seconds()
+
+
+def _load_pretrained(source: str) -> Pipeline:
+    cuda = torch.cuda.is_available()
+    return Pipeline.from_pretrained(source, device="cuda" if cuda else "cpu",
+                                    dtype=torch.bfloat16 if cuda else torch.float32, local_files_only=True)
+
+
+def _guard_shared_modules(pipe: Pipeline) -> Pipeline:
+    """Make a pipeline safe to share between concurrent runs (``PACKFORCING_CONCURRENCY`` > 1).
+
+    The transformer and cache policies keep per-run state in the run's own objects, but the VAE's
+    public encode/decode (used by the compressor's LR branch) keep diffusers' causal cache on the
+    module itself, a streaming decoder's reset clears it, and a fast tokenizer may not be called
+    from two threads at once: those calls are serialised with one lock per pipeline.
+    """
+    if getattr(pipe, "_studio_lock", None) is not None:
+        return pipe
+    lock = threading.RLock()
+
+    def guard(obj, name):
+        fn = getattr(obj, name, None)
+        if fn is None:
+            return
+
+        @functools.wraps(fn)
+        def locked(*args, **kwargs):
+            with lock:
+                return fn(*args, **kwargs)
+
+        setattr(obj, name, locked)
+
+    guard(pipe.vae, "encode")
+    guard(pipe.vae, "decode")
+    guard(pipe.vae.vae, "clear_cache")
+    guard(pipe.text_encoder, "encode")
+    pipe._studio_lock = lock
+    return pipe
+
+
+def _public(text: str) -> str:
+    """A message without the server's models directory path (shown as ``<models>``)."""
+    root = safety.models_dir()
+    return text.replace(str(root), "<models>") if root is not None else text
+
+
+def model_key(model) -> str:
+    """The canonical key of a model the user named (a :data:`MODELS` key, hub id or resolved path);
+    raises :class:`StudioError` for a model that is not allowed."""
+    if isinstance(model, str) and model in MODELS:
+        return model
     try:
-        value = float(raw)
-    except ValueError:
-        log.warning("ignoring %s=%r: not a number", MAX_SECONDS_ENV, raw)
-        return DEFAULT_MAX_SECONDS
-    if not math.isfinite(value) or value < MIN_SECONDS:
-        log.warning("ignoring %s=%r: must be a number >= %g", MAX_SECONDS_ENV, raw, MIN_SECONDS)
-        return DEFAULT_MAX_SECONDS
-    return value
+        return safety.resolve_model(model).key
+    except safety.UnsafeInput as err:
+        raise StudioError(str(err)) from None
 
 
 def get_pipeline(model: str = DEFAULT_MODEL) -> Pipeline:
-    """The (cached) pipeline of a model key; its duration limit follows :func:`max_seconds`."""
-    choice = MODELS.get(model)
-    if choice is None or not choice.available:
-        raise StudioError(f"unknown model {model!r}; available: {[m for m, _ in model_choices()]}")
+    """The (cached) pipeline of a model; its duration limit follows :func:`max_seconds`.
+
+    ``model``: a key of :data:`MODELS` (the embedded model), an allow-listed hub id, or a directory
+    inside ``PACKFORCING_MODELS_DIR`` (see :func:`packforcing.safety.resolve_model`; anything else is
+    refused before the file system is touched). At most :data:`MAX_LOADED_MODELS` pipelines stay
+    loaded (least recently used ones are dropped; the embedded model is kept).
+    """
+    key = model_key(model)
+    if key in MODELS:
+        choice = MODELS[key]
+        if not choice.available:
+            raise StudioError(f"model {choice.label!r} is not available here")
+        label, loader = choice.label, choice.loader
+    else:
+        label, loader = key, functools.partial(_load_pretrained, key)
     with _PIPELINES_LOCK:
-        pipe = _PIPELINES.get(model)
+        pipe = _PIPELINES.get(key)
         if pipe is None:
             try:
-                pipe = choice.loader()
-            except FileNotFoundError as err:
-                raise StudioError(f"model {choice.label!r}: weights not found ({err})") from err
-            _PIPELINES[model] = pipe
+                pipe = loader()
+            except (OSError, ValueError) as err:  # FileNotFoundError, WeightLoadError, bad config
+                raise StudioError(f"model {_public(label)!r} cannot be loaded: {_public(str(err))}") from None
+            _PIPELINES[key] = _guard_shared_modules(pipe)
+            evictable = [k for k in _PIPELINES if k not in MODELS]
+            while len(_PIPELINES) > MAX_LOADED_MODELS and evictable:
+                _PIPELINES.pop(evictable.pop(0))  # a run still using it keeps its own reference
+        _PIPELINES.move_to_end(key)
     pipe.max_seconds = max_seconds()
     return pipe
 
@@ -283,6 +361,12 @@ def knob_specs() -> dict[str, KnobSpec]:
     return dict(sorted(out.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
 
 
+def _shown(value, limit: int = 60) -> str:
+    """``repr(value)``, shortened: error messages echo user input without flooding the page."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 15] + f"… ({len(text)} chars)"
+
+
 def _coerce_knob(policy: str, name: str, value, default, kind: str):
     what = f"{policy}: {KNOB_SPECS[name].label if name in KNOB_SPECS else name}"
     if value is None or (isinstance(value, str) and not value.strip() and kind != "text"):
@@ -290,14 +374,17 @@ def _coerce_knob(policy: str, name: str, value, default, kind: str):
     if kind == "bool":
         if isinstance(value, (bool, np.bool_)):
             return bool(value)
-        raise StudioError(f"{what} must be true or false, got {value!r}")
+        raise StudioError(f"{what} must be true or false, got {_shown(value)}")
     if kind in ("int", "float"):
         if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
             try:
                 value = float(str(value).strip())
             except ValueError:
-                raise StudioError(f"{what} must be a number, got {value!r}") from None
-        value = float(value)
+                raise StudioError(f"{what} must be a number, got {_shown(value)}") from None
+        try:
+            value = float(value)
+        except OverflowError:
+            value = math.inf if value > 0 else -math.inf
         if not math.isfinite(value):
             raise StudioError(f"{what} must be a finite number, got {value}")
         if kind == "int":
@@ -313,7 +400,7 @@ def _coerce_knob(policy: str, name: str, value, default, kind: str):
     value = str(value)
     spec = KNOB_SPECS.get(name)
     if spec is not None and spec.choices and value not in spec.choices:
-        raise StudioError(f"{what} must be one of {list(spec.choices)}, got {value!r}")
+        raise StudioError(f"{what} must be one of {list(spec.choices)}, got {_shown(value)}")
     return value
 
 
@@ -381,39 +468,46 @@ def validate_request(
     prompt = " ".join(prompt.split())
     if len(prompt) > MAX_PROMPT_CHARS:
         raise StudioError(f"The prompt is too long ({len(prompt)} characters; at most {MAX_PROMPT_CHARS}).")
-    limit = max_seconds()
+    limit, shortest = max_seconds(), min_seconds()
     try:
+        if isinstance(seconds, bool):
+            raise TypeError
         seconds = float(seconds)
+    except OverflowError:  # an int beyond float range
+        seconds = math.inf
     except (TypeError, ValueError):
-        raise StudioError(f"The duration must be a number of seconds, got {seconds!r}.") from None
-    if not math.isfinite(seconds) or not MIN_SECONDS <= seconds <= limit:
+        raise StudioError(f"The duration must be a number of seconds, got {_shown(seconds)}.") from None
+    if not math.isfinite(seconds) or not shortest <= seconds <= limit:
         raise StudioError(
-            f"The duration must be between {MIN_SECONDS:g} and {limit:g} seconds, got {seconds:g}."
+            f"The duration must be between {shortest:g} and {limit:g} seconds, got {seconds:g}."
             + ("" if seconds <= limit or not math.isfinite(seconds)
                else f" Longer videos can be enabled with the {MAX_SECONDS_ENV} setting."))
     if randomize_seed:
         seed = random_seed()
+    raw_seed = seed
     try:
         if isinstance(seed, str):
             seed = float(seed.strip())
         if isinstance(seed, (float, np.floating)) and float(seed).is_integer():
             seed = int(seed)
         seed = check_seed(seed)
-    except (TypeError, ValueError):
-        raise StudioError(f"The seed must be a whole number between 0 and 2^63 - 1, got {seed!r}.") from None
-    if policy not in POLICIES:
-        raise StudioError(f"Unknown cache policy {policy!r}; choose from {policy_names()}.")
+    except (TypeError, ValueError, OverflowError):
+        raise StudioError(f"The seed must be a whole number between 0 and 2^63 - 1, got {_shown(raw_seed)}.") from None
+    if not isinstance(policy, str) or policy not in POLICIES:
+        raise StudioError(f"Unknown cache policy {_shown(policy)}; choose from {policy_names()}.")
     accepted = _introspect(policy)
     chosen = {k: _coerce_knob(policy, k, v, *accepted[k]) for k, v in (options or {}).items() if k in accepted}
     chosen = {k: v for k, v in chosen.items() if v is not None}  # None = the policy's automatic default
     if compressor_mode is not None and compressor_mode not in COMPRESSOR_MODES:
-        raise StudioError(f"Unknown compressor branch {compressor_mode!r}; choose from {list(COMPRESSOR_MODES)}.")
+        raise StudioError(f"Unknown compressor branch {_shown(compressor_mode)}; choose from {list(COMPRESSOR_MODES)}.")
     if not policy_compresses(policy):
         compressor_mode = None
+    model = model_key(model)
     pipe = get_pipeline(model)
     try:
         num_blocks = pipe.num_blocks(seconds)
         pipe.build_policy(policy, None, compressor_mode, **chosen)
+        pipe.check_cache_memory(policy, num_blocks, **chosen)
     except (TypeError, ValueError) as err:
         raise StudioError(f"Cache policy {policy!r}: {err}") from None
     return RunRequest(prompt, seconds, seed, policy, dict(chosen), compressor_mode, model, num_blocks, pipe.fps)
@@ -543,34 +637,129 @@ class Update:
         return summarize(self.tables, self.meta)
 
 
-_RUN_LOCK = threading.Lock()  # one generation at a time per process (one GPU)
+class RunSlots:
+    """At most ``limit`` generations at once in this process (default: ``PACKFORCING_CONCURRENCY``,
+    read at each acquire). A lock-like object (``acquire``/``release``/``with``) that also counts:
+    :attr:`active` runs now, :attr:`peak` since :meth:`reset_peak`."""
+
+    def __init__(self, limit: int | None = None):
+        self._limit = limit
+        self._cond = threading.Condition()
+        self.active = 0
+        self.peak = 0
+
+    @property
+    def limit(self) -> int:
+        return self._limit or safety.concurrency_limit()
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        wait = None if blocking and (timeout is None or timeout < 0) else (timeout if blocking else 0)
+        with self._cond:
+            if not self._cond.wait_for(lambda: self.active < self.limit, timeout=wait):
+                return False
+            self.active += 1
+            self.peak = max(self.peak, self.active)
+            return True
+
+    def release(self) -> None:
+        with self._cond:
+            if self.active <= 0:
+                raise RuntimeError("RunSlots.release() without acquire()")
+            self.active -= 1
+            self._cond.notify_all()
+
+    def reset_peak(self) -> None:
+        with self._cond:
+            self.peak = self.active
+
+    def __enter__(self):
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+_RUN_LOCK = RunSlots()  # generations running at once in this process (PACKFORCING_CONCURRENCY, default 1)
+_ACTIVE_DIRS: set[Path] = set()  # run directories in use: never cleaned up
+_ACTIVE_LOCK = threading.Lock()
 
 
 def runs_root() -> Path:
-    root = Path(os.environ.get(RUNS_DIR_ENV) or tempfile.gettempdir())
+    root = safety.runs_dir() or Path(tempfile.gettempdir())
     root.mkdir(parents=True, exist_ok=True)
     return root
 
 
 def new_run_dir() -> Path:
-    """A fresh per-run temporary directory (old ones are cleaned up)."""
+    """A fresh per-run temporary directory (expired ones are cleaned up first)."""
     root = runs_root()
     cleanup_runs(root)
     return Path(tempfile.mkdtemp(prefix=RUN_DIR_PREFIX, dir=root))
 
 
-def cleanup_runs(root: Path | None = None, max_age_s: float = RUN_MAX_AGE_S) -> int:
-    """Remove per-run directories older than ``max_age_s``; returns how many were removed."""
+def _set_active(path: Path, active: bool) -> None:
+    path = Path(path).resolve()
+    with _ACTIVE_LOCK:
+        (_ACTIVE_DIRS.add if active else _ACTIVE_DIRS.discard)(path)
+
+
+def active_run_dirs() -> set[Path]:
+    with _ACTIVE_LOCK:
+        return set(_ACTIVE_DIRS)
+
+
+def cleanup_runs(root: Path | None = None, max_age_s: float | None = None) -> int:
+    """Remove per-run directories (``packforcing-run-*`` directly under ``root``) not modified for
+    ``max_age_s`` (default: ``PACKFORCING_RUN_TTL_S``, 6 h); returns how many were removed.
+
+    Never removed: a directory a run is using (or that holds one), a symlink (nor what it points
+    to), anything not named like a run directory. A run's files are written into its own fresh
+    directory, so no run ever overwrites or deletes another run's files before they expire."""
     root = Path(root or runs_root())
+    max_age_s = safety.run_ttl_s() if max_age_s is None else max_age_s
+    active = active_run_dirs()
     now, removed = time.time(), 0
     for path in root.glob(RUN_DIR_PREFIX + "*"):
         try:
-            if path.is_dir() and now - path.stat().st_mtime > max_age_s:
-                shutil.rmtree(path, ignore_errors=True)
-                removed += 1
+            if path.is_symlink() or not path.is_dir() or now - path.stat().st_mtime <= max_age_s:
+                continue
+            resolved = path.resolve()
+            if any(a == resolved or a.is_relative_to(resolved) for a in active):
+                continue
+            shutil.rmtree(path)
+            removed += 1
         except OSError:
-            continue
+            log.warning("could not remove expired run directory %s", path, exc_info=True)
     return removed
+
+
+def failure_message(err: BaseException, blocks_done: int, total: int) -> str:
+    """What the user reads when a run fails at block ``blocks_done + 1``."""
+    kept = (f"the {blocks_done} finished block{'s' if blocks_done != 1 else ''} "
+            "(partial video and trace) are kept" if blocks_done else "no block had finished")
+    where = f"at block {blocks_done + 1} of {total}"
+    if isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower():
+        first = (str(err).strip().splitlines() or [""])[0][:200]
+        return (f"Out of memory {where} ({first}); {kept}. The cache was freed. Try a shorter video, fewer "
+                "sink/recent/window frames or a smaller top-k.")
+    text = str(err).strip() or repr(err)
+    return f"Generation failed {where}: {type(err).__name__}: {text}; {kept}. The cache was freed."
+
+
+@contextlib.contextmanager
+def _holding(slots: RunSlots):
+    """Release an already acquired slot on exit."""
+    try:
+        yield
+    finally:
+        slots.release()
+
+
+def _free_device_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 class GenerationWorker:
@@ -600,6 +789,7 @@ class GenerationWorker:
     def start(self) -> GenerationWorker:
         if self._thread is not None:
             raise RuntimeError("a worker runs once")
+        _set_active(self.run_dir, True)
         ctx = contextvars.copy_context()  # ZeroGPU reads the Gradio request from context variables
         self._thread = threading.Thread(target=ctx.run, args=(self._run,), daemon=True,
                                         name=f"packforcing-{self.request.policy}")
@@ -648,14 +838,41 @@ class GenerationWorker:
         return update
 
     # -- the thread ------------------------------------------------------------------------------
+    def _acquire_slot(self) -> bool:
+        """Wait for a free run slot; give up (False) if Stop comes first (e.g. the client left)."""
+        while not _RUN_LOCK.acquire(timeout=0.2):
+            if self._stop.is_set():
+                return False
+        return True
+
     def _run(self) -> None:
+        final = None
+        try:
+            final = self._generate()
+        except BaseException as err:  # never leave a reader waiting for a final update
+            log.exception("generation worker crashed")
+            final = Update("error", request=self.request, total_blocks=self.request.num_blocks,
+                           message=f"internal error: {type(err).__name__}: {err}")
+            if not isinstance(err, Exception):
+                raise
+        finally:
+            if final is None:
+                final = Update("error", request=self.request, total_blocks=self.request.num_blocks,
+                               message="internal error: the worker ended without a result")
+            self.final = final
+            self._queue.put(final)
+            _set_active(self.run_dir, False)
+
+    def _generate(self) -> Update:
         req = self.request
         tables, frames, meta = TableAccumulator(), [], {}
         base = dict(request=req, total_blocks=req.num_blocks)
         t0 = time.perf_counter()
         stopped = False
+        if not self._acquire_slot():  # stopped while queued: nothing ran, nothing to keep
+            return Update("done", stopped=True, message="stopped before it started", **base)
         try:
-            with _RUN_LOCK:
+            with _holding(_RUN_LOCK):  # releases the slot, after a failure too
                 t0 = time.perf_counter()
                 gen = self._stream_fn(req)
                 try:
@@ -680,16 +897,17 @@ class GenerationWorker:
                 finally:
                     gen.close()  # a Stop (or an error) frees the cache here
                 elapsed = time.perf_counter() - t0
-                final = self._finish("done", frames, tables, meta, elapsed, base, stopped=stopped)
+                return self._finish("done", frames, tables, meta, elapsed, base, stopped=stopped)
         except Exception as err:  # reported to the UI, never raised in the thread
             log.exception("generation failed")
-            elapsed = time.perf_counter() - t0
-            try:
-                final = self._finish("error", frames, tables, meta, elapsed, base, message=str(err) or repr(err))
-            except Exception as err2:  # writing the partial results failed too
-                final = Update("error", message=f"{err}; saving the partial video failed: {err2}", **base)
-        self.final = final
-        self._queue.put(final)
+            message = failure_message(err, len(frames), req.num_blocks)
+        # failed: the exception (and its traceback, which holds the failed block's tensors) is gone
+        _free_device_memory()
+        elapsed = time.perf_counter() - t0
+        try:
+            return self._finish("error", frames, tables, meta, elapsed, base, message=message)
+        except Exception as err2:  # writing the partial results failed too
+            return Update("error", message=f"{message} Saving the partial video failed: {err2}", **base)
 
     def _finish(self, kind, frames, tables, meta, elapsed, base, stopped=False, message=None) -> Update:
         snapshot = tables.tables()
@@ -746,6 +964,13 @@ class CompareRun:
             self._current.stop()
 
     def updates(self, timeout: float | None = None) -> Iterator[tuple[str, Update]]:
+        _set_active(self.run_dir, True)
+        try:
+            yield from self._updates(timeout)
+        finally:
+            _set_active(self.run_dir, False)
+
+    def _updates(self, timeout: float | None) -> Iterator[tuple[str, Update]]:
         for policy, request in self.requests.items():
             if self._stop.is_set():
                 break
