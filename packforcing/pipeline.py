@@ -141,8 +141,11 @@ class Pipeline:
 
     @classmethod
     def default(cls) -> "Pipeline":
-        """The embedded default model (see README). Currently: `tiny_random`."""
-        return cls.tiny_random()
+        """The embedded default model: the trained tiny world in ``assets/tiny-world`` when it is
+        there (see `packforcing.tiny_world`), else `tiny_random` (random weights, noise videos)."""
+        from .tiny_world import has_tiny_world, load_tiny_world
+
+        return load_tiny_world() if has_tiny_world() else cls.tiny_random()
 
     def to(self, device: str | torch.device, dtype: torch.dtype | None = None) -> "Pipeline":
         """Move the transformer (optionally cast to ``dtype``), VAE and compressor to ``device``.

@@ -1,0 +1,370 @@
+"""Train the embedded tiny-world model from scratch on the CPU.
+
+    python -m packforcing.train all --out runs/tiny-world --export assets/tiny-world
+
+Stages (each resumable with ``--resume``; ``all`` runs them in order and skips finished ones):
+
+1. ``vae``: a tiny `AutoencoderKLWan` on random 64×64 crops of 9-frame procedural clips.
+2. ``data``: encode the training clips (5-second, 77 frames, 128×128) with it, set the VAE's
+   ``latents_mean/std`` to the per-channel data statistics, build the text encoder, cache the
+   caption embeddings (runs automatically before ``transformer`` if missing).
+3. ``transformer``: a small `CausalWanTransformer`, flow matching with teacher forcing in the
+   block-causal layout (see `packforcing.training.stages`).
+4. ``compressor``: the HR branch of the PackForcing compressor with the three-partition context
+   (transformer frozen, LR branch frozen).
+5. ``--export DIR``: write the `tiny_world` directory (safetensors + JSON) that
+   `packforcing.tiny_world.load_tiny_world` loads.
+
+Every stage writes ``OUT/<stage>/checkpoint.safetensors`` (weights + AdamW state, no pickles)
+every ``--checkpoint-every`` steps and ``OUT/<stage>/log.csv`` (one row per step). All randomness
+is derived from ``--seed`` and the step number, so a resumed run continues identically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+STAGES = ("vae", "data", "vae_decoder", "transformer", "compressor", "all")
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    # geometry (pixels 128×128 -> latents 16×16 -> 8×8 = 64 tokens per latent frame)
+    height: int = 128
+    width: int = 128
+    fps: int = 16
+    block_frames: int = 4
+    clip_frames: int = 77  # 20 latent frames = 5 blocks = 5 s
+    # VAE
+    vae_base_dim: int = 6
+    vae_steps: int = 1100
+    vae_lr: float = 1e-3
+    vae_batch: int = 4
+    vae_frames: int = 9
+    vae_crop: int = 64
+    vae_colour_from: int = 800  # VAE phase 2 (colour-weighted loss) starts at this step
+    vae_decoder_steps: int = 1900  # decoder-only phase (encoder frozen => latents unchanged)
+    vae_decoder_frames: int = 17  # 5 latent frames: reaches the causal cache's steady state
+    vae_decoder_long_from: int = 1300  # decoder phase uses vae_frames before this step
+    vae_decoder_lr: float = 1e-3
+    # data
+    num_clips: int = 200
+    text_dim: int = 64
+    text_length: int = 24
+    # transformer
+    dim: int = 256
+    heads: int = 4
+    layers: int = 4
+    ffn: int = 1024
+    transformer_steps: int = 900
+    transformer_lr: float = 6e-4
+    context_noise: float = 0.1
+    p_gap: float = 0.5
+    max_gap: int = 40
+    p_drop_first: float = 0.2
+    # compressor
+    compressor_steps: int = 250
+    compressor_lr: float = 5e-4
+    distill_weight: float = 1.0
+    # sampler stored with the model
+    sample_steps: tuple[int, ...] = (1000, 750, 500, 250)
+    sample_shift: float = 3.0
+    bf16: bool = True
+    checkpoint_every: int = 25
+
+    def transformer_config(self) -> dict:
+        from .configs import TINY
+
+        return dict(TINY, num_attention_heads=self.heads, attention_head_dim=self.dim // self.heads,
+                    ffn_dim=self.ffn, num_layers=self.layers, text_dim=self.text_dim)
+
+    def inference_timesteps(self) -> list[float]:
+        from .sampler import warp_timesteps
+
+        return warp_timesteps(self.sample_steps, self.sample_shift)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        d = {k: v for k, v in d.items() if k in fields}
+        if "sample_steps" in d:
+            d["sample_steps"] = tuple(d["sample_steps"])
+        return cls(**d)
+
+
+# -- stages --------------------------------------------------------------------------------------------
+def build_vae(cfg: TrainConfig):
+    from diffusers import AutoencoderKLWan
+
+    from .vae import tiny_vae_config
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        return AutoencoderKLWan(**tiny_vae_config(cfg.vae_base_dim, 16))
+
+
+def build_transformer(cfg: TrainConfig):
+    from .model import CausalWanTransformer
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed + 1)
+        return CausalWanTransformer(**cfg.transformer_config())
+
+
+def build_compressor(cfg: TrainConfig):
+    from .compressor import Compressor
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed + 2)
+        return Compressor(cfg.dim, mode="both")
+
+
+def _done(out: Path, stage: str, steps: int) -> bool:
+    from safetensors import safe_open
+
+    from .training.loop import CHECKPOINT
+
+    ckpt = out / stage / CHECKPOINT
+    if not ckpt.exists():
+        return False
+    with safe_open(str(ckpt), framework="pt") as f:
+        return int(f.metadata()["step"]) >= steps
+
+
+def train_vae(cfg: TrainConfig, out: Path, resume: bool, progress: bool = True) -> list[float]:
+    from .training.loop import LoopConfig, run_stage
+    from .training.stages import VAEStage, VAEStageConfig
+
+    vae = build_vae(cfg)
+    stage = VAEStage(vae, VAEStageConfig(cfg.vae_batch, cfg.vae_frames, cfg.vae_crop, seed=cfg.seed,
+                                         colour_from=cfg.vae_colour_from))
+    loop = LoopConfig(cfg.vae_steps, cfg.vae_lr, warmup=20, checkpoint_every=cfg.checkpoint_every,
+                      progress=progress, desc="vae")
+    return run_stage(stage, out / "vae", loop, resume)
+
+
+def train_vae_decoder(cfg: TrainConfig, out: Path, resume: bool, progress: bool = True) -> list[float]:
+    """Decoder-only VAE phase: the encoder (hence the training latents and their statistics) stays
+    fixed, so it can run after `data` and alongside the transformer. Colour-weighted loss."""
+    from .training.loop import LoopConfig, run_stage
+    from .training.stages import VAEStage, VAEStageConfig
+
+    vae = load_stage_module(out, "vae", "vae", build_vae(cfg))
+    stage = VAEStage(vae, VAEStageConfig(cfg.vae_batch, cfg.vae_frames, cfg.vae_crop, seed=cfg.seed + 10,
+                                         train_encoder=False, colour_from=0, anchor_weight=0.0,
+                                         colour_anchor_weight=0.0, long_frames=cfg.vae_decoder_frames,
+                                         long_from=cfg.vae_decoder_long_from))
+    loop = LoopConfig(cfg.vae_decoder_steps, cfg.vae_decoder_lr, warmup=20, checkpoint_every=cfg.checkpoint_every,
+                      progress=progress, desc="vae_decoder")
+    return run_stage(stage, out / "vae_decoder", loop, resume)
+
+
+def final_vae(cfg: TrainConfig, out: Path):
+    """The exported VAE: statistics from `data` (vae_final), decoder from the decoder phase if run."""
+    from diffusers import AutoencoderKLWan
+
+    from .training.loop import CHECKPOINT
+
+    vae = AutoencoderKLWan.from_pretrained(out / "vae_final")
+    if (out / "vae_decoder" / CHECKPOINT).exists():
+        load_stage_module(out, "vae_decoder", "vae", vae)
+    return vae.eval()
+
+
+def load_stage_module(out: Path, stage: str, name: str, module):
+    from .training.loop import CHECKPOINT, load_checkpoint
+
+    load_checkpoint(out / stage / CHECKPOINT, {name: module}, None)
+    return module.eval()
+
+
+def prepare_data(cfg: TrainConfig, out: Path, progress: bool = True) -> None:
+    """Encode the training clips, set latent statistics, build the text encoder and embeddings."""
+    from .training.data import LATENTS, build_text_encoder, encode_dataset, save_latents, training_seeds
+
+    vae = load_stage_module(out, "vae", "vae", build_vae(cfg))
+    seeds = training_seeds(cfg.num_clips)
+    data = encode_dataset(vae, seeds, cfg.clip_frames, cfg.height, progress=progress)
+    raw = data["raw"]
+    mean = raw.mean(dim=(0, 2, 3, 4))
+    std = raw.std(dim=(0, 2, 3, 4)).clamp_min(1e-4)
+    vae.register_to_config(latents_mean=[float(v) for v in mean], latents_std=[float(v) for v in std])
+    vae.save_pretrained(out / "vae_final", safe_serialization=True)
+    view = (1, -1, 1, 1, 1)
+    latents = (raw - mean.view(view)) / std.view(view)
+    lr_latents = (data["lr_raw"] - mean.view(view)) / std.view(view)
+    text = build_text_encoder(cfg.text_dim, cfg.text_length, seed=cfg.seed)
+    text.save(out / "text")
+    unique = sorted(set(data["captions"]))
+    with torch.no_grad():
+        emb = torch.cat([text.encode(unique[i : i + 64]) for i in range(0, len(unique), 64)])
+    index = torch.tensor([unique.index(c) for c in data["captions"]])
+    save_latents(out / LATENTS, {"latents": latents, "lr_latents": lr_latents, "text": emb, "caption_index": index,
+                                 "captions": data["captions"], "seeds": data["seeds"]},
+                 extra={"unique_captions": unique, "mean": mean.tolist(), "std": std.tolist()})
+
+
+def _load_data(cfg: TrainConfig, out: Path, progress: bool = True) -> dict:
+    from .training.data import LATENTS, load_latents
+
+    if not (out / LATENTS).exists():
+        prepare_data(cfg, out, progress)
+    return load_latents(out / LATENTS)
+
+
+def train_transformer(cfg: TrainConfig, out: Path, resume: bool, progress: bool = True) -> list[float]:
+    from .training.loop import LoopConfig, run_stage
+    from .training.stages import TransformerStage, TransformerStageConfig
+
+    data = _load_data(cfg, out, progress)
+    model = build_transformer(cfg)
+    scfg = TransformerStageConfig(
+        block_frames=cfg.block_frames, num_blocks=(cfg.clip_frames + 3) // 4 // cfg.block_frames,
+        shift=cfg.sample_shift, inference_steps=tuple(cfg.inference_timesteps()), context_noise=cfg.context_noise,
+        p_gap=cfg.p_gap, max_gap=cfg.max_gap, p_drop_first=cfg.p_drop_first, bf16=cfg.bf16, seed=cfg.seed)
+    stage = TransformerStage(model, data["latents"], data["text"], data["caption_index"], scfg)
+    loop = LoopConfig(cfg.transformer_steps, cfg.transformer_lr, warmup=30, checkpoint_every=cfg.checkpoint_every,
+                      progress=progress, desc="transformer")
+    return run_stage(stage, out / "transformer", loop, resume)
+
+
+def train_compressor(cfg: TrainConfig, out: Path, resume: bool, progress: bool = True) -> list[float]:
+    from .training.loop import LoopConfig, run_stage
+    from .training.stages import CompressorStage, CompressorStageConfig
+
+    data = _load_data(cfg, out, progress)
+    model = load_stage_module(out, "transformer", "transformer", build_transformer(cfg))
+    compressor = build_compressor(cfg)
+    scfg = CompressorStageConfig(block_frames=cfg.block_frames, shift=cfg.sample_shift,
+                                 inference_steps=tuple(cfg.inference_timesteps()), context_noise=cfg.context_noise,
+                                 distill_weight=cfg.distill_weight, bf16=cfg.bf16, seed=cfg.seed)
+    stage = CompressorStage(model, compressor, data["latents"], data["lr_latents"], data["text"],
+                            data["caption_index"], scfg)
+    loop = LoopConfig(cfg.compressor_steps, cfg.compressor_lr, warmup=10, checkpoint_every=cfg.checkpoint_every,
+                      progress=progress, desc="compressor")
+    return run_stage(stage, out / "compressor", loop, resume)
+
+
+def _final_loss(out: Path, stage: str, last: int = 50) -> float | None:
+    import csv
+
+    path = out / stage / "log.csv"
+    if not path.exists():
+        return None
+    rows = list(csv.DictReader(open(path)))
+    vals = [float(r["loss"]) for r in rows[-last:]]
+    return sum(vals) / len(vals) if vals else None
+
+
+def export(cfg: TrainConfig, out: Path, dest: Path) -> Path:
+    """Write the tiny-world directory from a finished run."""
+    from .text import TinyTextEncoder
+    from .tiny_world import PIPELINE_NAME, save_tiny_world
+
+    transformer = load_stage_module(out, "transformer", "transformer", build_transformer(cfg))
+    compressor = build_compressor(cfg)
+    load_stage_module(out, "compressor", "hr", compressor.hr)
+    vae = final_vae(cfg, out)
+    text = TinyTextEncoder.load(out / "text")
+    times = json.loads((out / "times.json").read_text()) if (out / "times.json").exists() else {}
+    settings = {
+        "name": PIPELINE_NAME, "height": cfg.height, "width": cfg.width, "fps": cfg.fps,
+        "block_frames": cfg.block_frames, "denoising_steps": list(cfg.sample_steps), "shift": cfg.sample_shift,
+        "training": {
+            "command": "python -m packforcing.train all --out runs/tiny-world --export assets/tiny-world",
+            "config": dataclasses.asdict(cfg),
+            "final_loss_mean_last_50": {s: _final_loss(out, s)
+                                        for s in ("vae", "vae_decoder", "transformer", "compressor")},
+            "wall_seconds": times,
+        },
+    }
+    return save_tiny_world(dest, transformer, vae, text, compressor, settings)
+
+
+# -- CLI ---------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m packforcing.train", description=__doc__.split("\n\n")[0])
+    p.add_argument("stage", choices=STAGES)
+    p.add_argument("--out", default="runs/tiny-world", help="run directory (checkpoints, logs, data)")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
+    p.add_argument("--export", default=None, help="after training, write the tiny-world directory here")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--no-progress", action="store_true")
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            p.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes"), default=None)
+        elif f.name == "sample_steps":
+            p.add_argument(flag, type=int, nargs="+", default=None)
+        else:
+            kind = {"int": int, "float": float}.get(str(f.type), type(f.default))
+            p.add_argument(flag, type=kind, default=None)
+    return p
+
+
+def resolve_config(args, out: Path) -> TrainConfig:
+    stored = out / "config.json"
+    cfg = TrainConfig.from_dict(json.loads(stored.read_text())) if (args.resume and stored.exists()) else TrainConfig()
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+                 if getattr(args, f.name, None) is not None}
+    if "sample_steps" in overrides:
+        overrides["sample_steps"] = tuple(overrides["sample_steps"])
+    cfg = dataclasses.replace(cfg, **overrides)
+    out.mkdir(parents=True, exist_ok=True)
+    stored.write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    return cfg
+
+
+def _timed(out: Path, name: str, fn, *a, **kw):
+    tic = time.perf_counter()
+    result = fn(*a, **kw)
+    path = out / "times.json"
+    times = json.loads(path.read_text()) if path.exists() else {}
+    times[name] = round(times.get(name, 0.0) + time.perf_counter() - tic, 1)
+    path.write_text(json.dumps(times, indent=2))
+    return result
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    cfg = resolve_config(args, out)
+    progress = not args.no_progress
+    stages = ["vae", "data", "vae_decoder", "transformer", "compressor"] if args.stage == "all" else [args.stage]
+    from .training.data import LATENTS
+
+    for stage in stages:
+        if stage == "vae":
+            if not (args.stage == "all" and args.resume and _done(out, "vae", cfg.vae_steps)):
+                _timed(out, "vae", train_vae, cfg, out, args.resume, progress)
+        elif stage == "data":
+            if not (args.resume and (out / LATENTS).exists()) or args.stage == "data":
+                _timed(out, "data", prepare_data, cfg, out, progress)
+        elif stage == "vae_decoder":
+            if not (args.stage == "all" and args.resume and _done(out, "vae_decoder", cfg.vae_decoder_steps)):
+                _timed(out, "vae_decoder", train_vae_decoder, cfg, out, args.resume, progress)
+        elif stage == "transformer":
+            if not (args.stage == "all" and args.resume and _done(out, "transformer", cfg.transformer_steps)):
+                _timed(out, "transformer", train_transformer, cfg, out, args.resume, progress)
+        elif stage == "compressor":
+            if not (args.stage == "all" and args.resume and _done(out, "compressor", cfg.compressor_steps)):
+                _timed(out, "compressor", train_compressor, cfg, out, args.resume, progress)
+    if args.export:
+        path = export(cfg, out, Path(args.export))
+        print(f"exported to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,181 @@
+"""Training stages (a few steps at tiny sizes), resumable checkpoints, export/load round trip."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKLWan
+from safetensors.torch import load_file
+
+from packforcing.compressor import Compressor
+from packforcing.configs import TINY
+from packforcing.model import CausalWanTransformer
+from packforcing.training.data import HELDOUT_PROMPTS, build_text_encoder, training_seeds, word_tokenizer
+from packforcing.training.loop import CHECKPOINT, LoopConfig, run_stage
+from packforcing.training.stages import (
+    CompressorStage, CompressorStageConfig, TransformerStage, TransformerStageConfig, VAEStage, VAEStageConfig,
+    lr_tokens, teacher_forcing_layout, three_partition_layout,
+)
+from packforcing.vae import WanVAE, tiny_vae_config
+
+MINI = dict(TINY, num_attention_heads=2, attention_head_dim=16, ffn_dim=64, num_layers=1, text_dim=16)
+
+
+def _model(seed=0, **over):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return CausalWanTransformer(**dict(MINI, **over))
+
+
+def _latents(n=2, hw=4, frames=20, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, 16, 1, hw, hw, generator=g)  # a static "scene" plus slow drift: learnable
+    drift = torch.linspace(0, 1, frames).view(1, 1, -1, 1, 1) * torch.randn(n, 16, 1, hw, hw, generator=g) * 0.3
+    return base + drift
+
+
+def _falls(losses, k=3):
+    return np.mean(losses[-k:]) < np.mean(losses[:k])
+
+
+def _loop(steps, lr, **kw):
+    return LoopConfig(steps=steps, lr=lr, warmup=1, checkpoint_every=100, progress=False, **kw)
+
+
+def test_vae_stage_loss_falls(tmp_path):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        vae = AutoencoderKLWan(**tiny_vae_config(4, 16))
+    stage = VAEStage(vae, VAEStageConfig(batch=1, frames=5, crop=16, data_steps=1))
+    losses = run_stage(stage, tmp_path, _loop(10, 3e-3))
+    assert len(losses) == 10 and _falls(losses)
+    assert (tmp_path / CHECKPOINT).exists() and (tmp_path / "log.csv").read_text().count("\n") == 11
+
+
+def test_vae_decoder_phase_keeps_the_encoder(tmp_path):
+    """The decoder-only phase must not move the encoder: the cached training latents stay valid."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        vae = AutoencoderKLWan(**tiny_vae_config(4, 16))
+    encoder = {k: v.clone() for k, v in vae.state_dict().items() if k.startswith(("encoder.", "quant_conv."))}
+    stage = VAEStage(vae, VAEStageConfig(batch=1, frames=5, crop=16, data_steps=1, train_encoder=False,
+                                         colour_from=0, anchor_weight=0.0, colour_anchor_weight=0.0))
+    losses = run_stage(stage, tmp_path, _loop(6, 3e-3))
+    assert _falls(losses, k=2)
+    assert all(torch.equal(v, vae.state_dict()[k]) for k, v in encoder.items())
+
+
+def test_transformer_stage_loss_falls(tmp_path):
+    stage = TransformerStage(_model(), _latents(), torch.randn(2, 6, 16), torch.tensor([0, 1]),
+                             TransformerStageConfig(data_steps=2, bf16=False))
+    losses = run_stage(stage, tmp_path, _loop(12, 3e-3))
+    assert _falls(losses)
+
+
+def test_compressor_stage_trains_only_hr_and_loss_falls(tmp_path):
+    model = _model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.manual_seed(0)
+    comp = Compressor(32, mode="both")
+    stage = CompressorStage(model, comp, _latents(hw=8), torch.randn(2, 16, 2, 2, 2), torch.randn(2, 6, 16),
+                            torch.tensor([0, 1]), CompressorStageConfig(data_steps=1, bf16=False))
+    losses = run_stage(stage, tmp_path, _loop(10, 3e-3))
+    assert _falls(losses)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # transformer frozen
+    saved = load_file(str(tmp_path / CHECKPOINT))
+    assert any(k.startswith("model.hr.") for k in saved) and not any(k.startswith("model.transformer") for k in saved)
+
+
+def test_resume_continues_identically(tmp_path):
+    text = torch.randn(2, 6, 16)
+
+    def stage():
+        return TransformerStage(_model(), _latents(), text, torch.tensor([0, 1]),
+                                TransformerStageConfig(bf16=False))
+
+    straight = stage()
+    run_stage(straight, tmp_path / "a", _loop(4, 1e-3))
+    interrupted = stage()
+    first = run_stage(interrupted, tmp_path / "b", _loop(4, 1e-3, stop_at=2))
+    assert len(first) == 2
+    resumed = stage()  # fresh process: new model object, weights only from the checkpoint
+    rest = run_stage(resumed, tmp_path / "b", _loop(4, 1e-3), resume=True)
+    assert len(rest) == 2
+    a, b = load_file(str(tmp_path / "a" / CHECKPOINT)), load_file(str(tmp_path / "b" / CHECKPOINT))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    log = (tmp_path / "b" / "log.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in log[1:]] == ["0", "1", "2", "3"]
+
+
+def test_teacher_forcing_layout():
+    mask, pos = teacher_forcing_layout(3, 2, gap=5, sink_blocks=1)
+    fc = 4  # clean blocks 0,1 (2 frames each), then noisy blocks 0,1,2
+    assert mask.shape == (10, 10)
+    noisy2 = fc + 4  # first frame of noisy block 2
+    assert mask[noisy2, :fc].all() and mask[noisy2, noisy2:].all() and not mask[noisy2, fc:noisy2].any()
+    assert not mask[fc, :fc].any()  # noisy block 0 sees no context
+    assert pos.tolist() == [0, 1, 7, 8, 0, 1, 7, 8, 9, 10]
+    dropped, _ = teacher_forcing_layout(3, 2, drop_first=True)
+    assert not dropped[noisy2, :2].any() and dropped[noisy2, 2:4].all()
+
+
+def test_three_partition_layout():
+    mask, s = three_partition_layout(4, 2)
+    rows = lambda a, b: mask[s[a]][:, s[b]]  # noqa: E731
+    assert rows("cur", "comp").all() and not rows("cur", "b2").any() and rows("cur", "b3").all()
+    assert rows("comp", "b2").all() and rows("comp", "sink").all() and not rows("b2", "comp").any()
+    assert rows("b3", "b2").all() and not rows("b3", "comp").any() and not rows("comp", "b3").any()
+
+
+def test_precomputed_lr_tokens_equal_the_lr_branch():
+    """Training uses LR latents encoded once; they must equal the LR branch the sampler runs."""
+    from packforcing.compressor import LRBranch
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(**tiny_vae_config(4, 16)).eval()
+    vae.register_to_config(latents_mean=[0.1] * 16, latents_std=[2.0] * 16)
+    wan = WanVAE(vae)
+    model = _model()
+    pixels = torch.rand(1, 3, 16, 64, 64) * 2 - 1  # a non-first block of 4 latent frames
+    latents = torch.randn(1, 16, 4, 8, 8)
+    ref = Compressor(32, mode="lr")(latents, pixels=pixels, vae=wan, patch_embedding=model.patch_embedding)
+    with torch.no_grad():
+        raw = vae.encode(LRBranch.pool_pixels(pixels, 4, 4)).latent_dist.mean[:, :, 1:]
+        got = lr_tokens(model.patch_embedding, wan.normalize(raw), Compressor.output_grid(4, 8, 8))
+    torch.testing.assert_close(got, ref)
+
+
+def test_word_tokenizer_and_heldout_split():
+    tok = word_tokenizer(24)
+    ids = tok("A red circle, a blue square and a gray triangle bouncing over a dark grey background")["input_ids"]
+    words = tok.convert_ids_to_tokens(ids)
+    assert words[:4] == ["a", "red", "circle", ","] and words[-1] == "</s>" and "<unk>" not in words
+    assert "grey" in words and len(ids) == 18
+    from packforcing.world import Scene
+
+    seeds = training_seeds(50)
+    assert not {Scene.sample(s).caption() for s in seeds} & set(HELDOUT_PROMPTS)
+
+
+def test_export_load_round_trip(tmp_path):
+    from packforcing.pipeline import Pipeline
+    from packforcing.tiny_world import load_tiny_world, save_tiny_world
+
+    torch.manual_seed(0)
+    transformer = CausalWanTransformer(**dict(MINI, text_dim=16)).eval()
+    vae = AutoencoderKLWan(**tiny_vae_config(4, 16)).eval()
+    vae.register_to_config(latents_mean=[0.05] * 16, latents_std=[1.5] * 16)
+    text = build_text_encoder(text_dim=16, max_length=24)
+    comp = Compressor(32, mode="both").eval()
+    settings = dict(name="test world", height=64, width=64, fps=16, block_frames=4,
+                    denoising_steps=[1000, 500], shift=3.0)
+    save_tiny_world(tmp_path / "w", transformer, vae, text, comp, settings)
+    loaded = load_tiny_world(tmp_path / "w")
+    original = Pipeline(transformer, WanVAE(vae), text, comp, 64, 64, sampler=loaded.sampler, name="orig")
+    assert loaded.name == "test world" and loaded.sampler.denoising_steps == (1000, 500)
+    assert loaded.vae._std.flatten()[0] == pytest.approx(1.5)
+    prompt = "a red circle bouncing over a navy background"
+    kw = dict(seconds=3, policy="packforcing", seed=3, sink_frames=4, recent_frames=4, top_k=1)
+    a, b = original.generate(prompt, **kw), loaded.generate(prompt, **kw)
+    assert a.shape == (3 * 16 - 3, 64, 64, 3) and np.array_equal(a, b)
