@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import zlib
 
 import pytest
@@ -97,3 +98,24 @@ class SyntheticDriver:
             self.run_block(block, on_view)
             if after_block is not None:
                 after_block(block)
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (tests only talk to this machine)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app_url():
+    """The Studio launched in-process on a free localhost port, closed after the module."""
+    import app
+
+    port = free_port()
+    app.demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True,
+                    **app.LAUNCH_KWARGS)
+    try:
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        app.demo.close()

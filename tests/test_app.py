@@ -2,37 +2,18 @@
 
 from __future__ import annotations
 
-import socket
 import time
 from pathlib import Path
 
 import imageio_ffmpeg
 import pytest
 
+
 from packforcing.trace import load_tables
 
 PROMPT = "a yellow triangle bouncing over a navy background"
 # outputs of /generate, in order
 PROGRESS, PREVIEW, VIDEO, TRACE, SUMMARY = range(5)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def app_url():
-    import app
-
-    port = _free_port()
-    app.demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True,
-                    **app.LAUNCH_KWARGS)
-    try:
-        yield f"http://127.0.0.1:{port}/"
-    finally:
-        app.demo.close()
 
 
 @pytest.fixture()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from packforcing import safety, studio
 from packforcing.__main__ import main
 from packforcing.pipeline import Pipeline
 from packforcing.trace import load_tables
+from tests.conftest import free_port
 from tests.test_bad_inputs import one_thread, small_pipeline  # noqa: F401 (one_thread: autouse fixture)
 
 PROMPT = "a red circle bouncing over a navy background"
@@ -158,10 +158,7 @@ def test_cli_out_of_memory_writes_the_finished_blocks(env, pipe, monkeypatch, ca
 
 
 # ---- a client that leaves mid-run (through the real app) -----------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+
 
 
 @pytest.fixture(scope="module")
@@ -180,7 +177,7 @@ def served(pipe, tmp_path_factory):
     register = studio.RUNS.register
     mp.setattr(studio.RUNS, "register", lambda key, run: (workers.append(run), register(key, run))[1])
     demo = app.build_demo()
-    port = _free_port()
+    port = free_port()
     demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True,
                 **app.LAUNCH_KWARGS)
     try:

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import hashlib
 import os
-import socket
 import threading
 import time
 from pathlib import Path
 
 import imageio_ffmpeg
 import pytest
+
+from tests.conftest import free_port
 
 from packforcing import safety, studio
 from packforcing.pipeline import to_uint8
@@ -53,12 +54,6 @@ class Meter:
                 self.videos.setdefault(key, []).append(digest.hexdigest())
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def pipe():
     return small_pipeline(64)
@@ -79,7 +74,7 @@ def served(pipe, tmp_path, monkeypatch):
     monkeypatch.setattr(studio, "device_stream", meter)
     studio._RUN_LOCK.reset_peak()
     demo = app.build_demo()
-    port = _free_port()
+    port = free_port()
     demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True,
                 **app.LAUNCH_KWARGS)
     try:
