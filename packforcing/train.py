@@ -52,9 +52,11 @@ class TrainConfig:
     vae_frames: int = 9
     vae_crop: int = 64
     vae_colour_from: int = 800  # VAE phase 2 (colour-weighted loss) starts at this step
-    vae_decoder_steps: int = 1900  # decoder-only phase (encoder frozen => latents unchanged)
-    vae_decoder_frames: int = 17  # 5 latent frames: reaches the causal cache's steady state
+    vae_decoder_steps: int = 2300  # decoder-only phase (encoder frozen => latents unchanged)
+    vae_decoder_frames: int = 17  # 5 latent frames, from step vae_decoder_long_from
     vae_decoder_long_from: int = 1300  # decoder phase uses vae_frames before this step
+    vae_decoder_longer_frames: int = 25  # 7 latent frames (batch 2), from vae_decoder_longer_from:
+    vae_decoder_longer_from: int = 1900  # the causal cache's steady state must decode right
     vae_decoder_lr: float = 1e-3
     # data
     num_clips: int = 200
@@ -65,14 +67,14 @@ class TrainConfig:
     heads: int = 4
     layers: int = 4
     ffn: int = 1024
-    transformer_steps: int = 900
-    transformer_lr: float = 6e-4
+    transformer_steps: int = 1600
+    transformer_lr: float = 8e-4
     context_noise: float = 0.1
     p_gap: float = 0.5
     max_gap: int = 40
     p_drop_first: float = 0.2
     # compressor
-    compressor_steps: int = 250
+    compressor_steps: int = 200
     compressor_lr: float = 5e-4
     distill_weight: float = 1.0
     # sampler stored with the model
@@ -162,7 +164,9 @@ def train_vae_decoder(cfg: TrainConfig, out: Path, resume: bool, progress: bool 
     stage = VAEStage(vae, VAEStageConfig(cfg.vae_batch, cfg.vae_frames, cfg.vae_crop, seed=cfg.seed + 10,
                                          train_encoder=False, colour_from=0, anchor_weight=0.0,
                                          colour_anchor_weight=0.0, long_frames=cfg.vae_decoder_frames,
-                                         long_from=cfg.vae_decoder_long_from))
+                                         long_from=cfg.vae_decoder_long_from,
+                                         longer_frames=cfg.vae_decoder_longer_frames,
+                                         longer_from=cfg.vae_decoder_longer_from))
     loop = LoopConfig(cfg.vae_decoder_steps, cfg.vae_decoder_lr, warmup=20, checkpoint_every=cfg.checkpoint_every,
                       progress=progress, desc="vae_decoder")
     return run_stage(stage, out / "vae_decoder", loop, resume)

@@ -80,6 +80,9 @@ class VAEStageConfig:
     # drifts in colour after ~3 latent frames of streaming decode)
     long_frames: int | None = None
     long_from: int = 0
+    longer_frames: int | None = None  # a second, longer stage (batch longer_batch)
+    longer_from: int = 0
+    longer_batch: int = 2
     mse_weight: float = 1.0
     seed: int = 0
     data_steps: int | None = None  # cycle over this many fixed batches (tests); None = fresh data
@@ -120,8 +123,12 @@ class VAEStage:
     def loss(self, step: int) -> torch.Tensor:
         c = self.cfg
         gen, rng = step_rng(c.seed, _data_step(step, c.data_steps), salt=1)
-        frames = c.long_frames if c.long_frames and step >= c.long_from else c.frames
-        x = vae_batch(rng, c.batch, frames, c.crop)
+        frames, batch = c.frames, c.batch
+        if c.long_frames and step >= c.long_from:
+            frames = c.long_frames
+        if c.longer_frames and step >= c.longer_from:
+            frames, batch = c.longer_frames, c.longer_batch
+        x = vae_batch(rng, batch, frames, c.crop)
         with torch.set_grad_enabled(c.train_encoder):
             mean = self.vae.encode(x).latent_dist.mean
         z = mean + c.latent_noise * torch.randn(mean.shape, generator=gen)
