@@ -69,6 +69,18 @@ def progress_html(fraction: float, text: str, state: str = "") -> str:
 IDLE = progress_html(0, "Ready. Enter a prompt and press Generate.")
 
 
+def model_note(name: str) -> str:
+    """What a visitor should expect from the embedded model (honest, one sentence or two)."""
+    if "random" in name:
+        return ("Its weights are random, so videos look like noise; the cache behaviour, timings and "
+                "analysis are real.")
+    if "tiny-world" in name:
+        return ("A 5-million-parameter model trained here on a CPU, on 5-second clips of bouncing shapes: it "
+                "draws the prompted background and moving blobs, often not in the prompted colours and not "
+                "yet as clean shapes (see docs/tiny_world.md). The cache behaviour, timings and analysis are real.")
+    return ""
+
+
 def update_html(update: studio.Update, prefix: str = "") -> str:
     text = prefix + update.progress_text()
     if update.kind == "block":
@@ -338,8 +350,7 @@ def build_demo() -> gr.Blocks:
             "sink + compressed top-k mid blocks + recent (PackForcing, arXiv 2603.25730). Generate a video, "
             "watch it stream block by block, and see what the cache keeps and why.")
         gr.Markdown(f"Model: **{html.escape(pipe.name)}**, {pipe.width}×{pipe.height} at {pipe.fps} fps. "
-                    + ("Its weights are random for now, so videos look like noise; the cache behaviour, "
-                       "timings and analysis are real." if "random" in pipe.name else ""),
+                    + model_note(pipe.name),
                     elem_classes="pf-note")
         tables_state = gr.State(None)
         with gr.Row():

@@ -9,7 +9,7 @@ per 5-second window with `analysis.metrics` (prompted colours from the caption).
 * ``OUT/runs.csv``   one row per video (appended as runs finish; ``--resume`` skips done ones),
 * ``OUT/table.csv`` and ``OUT/table.md``  mean over prompts per (length, policy): the metrics
   (mean over windows, and in the last window), peak KV bytes, mean per-block time,
-* ``OUT/strips/*.png``  frame strips (one frame every ``length/8`` seconds) of the first prompt.
+* ``OUT/strips/*.png``  a frame strip per video (8 frames evenly spread over its length).
 
 Policies share the same model, prompts and seeds. Budgets (tiny world: 1 latent frame = 64
 tokens, 1 block = 256 tokens, 1 compressed block = 8 tokens): `window` keeps 16 latent frames,
@@ -101,10 +101,10 @@ def quick_pipeline():
     return Pipeline(transformer, vae, build_text_encoder(16), compressor, 64, 64, name="quick (random weights)")
 
 
-def heldout_prompts(n: int) -> list[tuple[str, int]]:
+def heldout_prompts(n: int, offset: int = 0) -> list[tuple[str, int]]:
     from packforcing.training.data import EVAL_SEED_BASE, HELDOUT_PROMPTS
 
-    return [(p, EVAL_SEED_BASE + i) for i, p in enumerate(HELDOUT_PROMPTS[:n])]
+    return [(p, EVAL_SEED_BASE + i) for i, p in enumerate(HELDOUT_PROMPTS)][offset : offset + n]
 
 
 def run_one(pipe, spec: PolicySpec, prompt: str, seed: int, seconds: float):
@@ -207,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts-long", type=int, default=None,
                    help="prompts for lengths >= --long-from (default: --prompts)")
     p.add_argument("--long-from", type=float, default=60.0)
+    p.add_argument("--prompt-offset", type=int, default=0, help="skip the first N held-out prompts (to split runs)")
     p.add_argument("--policies", nargs="*", default=None, help="only these labels' policy names (e.g. window)")
     p.add_argument("--resume", action="store_true", help="skip runs already in OUT/runs.csv")
     p.add_argument("--no-strips", action="store_true")
@@ -259,7 +260,7 @@ def main(argv=None) -> int:
         runs_path.unlink()
     print(f"model: {pipe.name}; policies: {len(specs)}; lengths: {lengths}", flush=True)
     for seconds in lengths:
-        prompts = heldout_prompts(n_long if seconds >= args.long_from else n_prompts)
+        prompts = heldout_prompts(n_long if seconds >= args.long_from else n_prompts, args.prompt_offset)
         for prompt, seed in prompts:
             rows = []
             if (float(seconds), "ground truth (world generator)", prompt, seed) not in done:
@@ -276,8 +277,8 @@ def main(argv=None) -> int:
                 print(f"{seconds:>5g}s | {spec.label:<34} | fid {row['fidelity']:.3f} bg "
                       f"{row['background_similarity']:.3f} dyn {row['dynamics']:.2f} jump {row['jump_ratio']:.2f} | "
                       f"{stats['s_per_block']:.2f} s/block, wall {stats['wall_s']:.0f} s", flush=True)
-                if not args.no_strips and prompt == prompts[0][0]:
-                    save_strip(video, out / "strips" / f"{seconds:g}s_{_slug(spec.label)}.png")
+                if not args.no_strips:
+                    save_strip(video, out / "strips" / f"{seconds:g}s_p{seed - 1_000_000}_{_slug(spec.label)}.png")
                 _append(runs_path, rows)
                 rows = []
             _append(runs_path, rows)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -64,7 +65,10 @@ class Pipeline:
         sampler: SamplerConfig | None = None,
         name: str = "custom",
         max_seconds: float = DEFAULT_MAX_SECONDS,
+        text_offload: bool = False,
     ):
+        """``text_offload``: keep the text encoder on the CPU and move it to the transformer's device
+        only while a prompt is encoded (UMT5-XXL is 11 GB in bf16: DESIGN §8's memory budget)."""
         self.transformer = transformer.eval()
         self.vae = vae
         self.text_encoder = text_encoder
@@ -77,6 +81,8 @@ class Pipeline:
         self.sampler = sampler or SamplerConfig()
         self.name = name
         self.max_seconds = max_seconds
+        self.text_offload = text_offload
+        self._text_lock = threading.Lock()  # one prompt encode (and device move) at a time
 
     # -- construction ------------------------------------------------------------------------
     @classmethod
@@ -134,9 +140,10 @@ class Pipeline:
         compressor = Compressor.load(str(compressor_path)) if compressor_path else Compressor(dim, mode="lr")
         sampler = SamplerConfig(block_frames=block_frames or 4)
         name = f"{path_or_hub_id}" + (f" + {Path(self_forcing_checkpoint).name}" if self_forcing_checkpoint else "")
-        text_encoder = parts.text_encoder.to(device)
+        offload = torch.device(device).type != "cpu"
+        text_encoder = parts.text_encoder.to("cpu" if offload else device)
         pipe = cls(transformer.to(device), WanVAE(parts.vae.to(device)), text_encoder, compressor.to(device),
-                   height, width, sampler=sampler, name=name, max_seconds=max_seconds)
+                   height, width, sampler=sampler, name=name, max_seconds=max_seconds, text_offload=offload)
         return pipe
 
     @classmethod
@@ -272,8 +279,20 @@ class Pipeline:
 
     # -- generation ----------------------------------------------------------------------------
     def encode_prompt(self, prompt: str) -> torch.Tensor:
+        """Prompt -> embeddings [1, L, text_dim] on the transformer's device. With ``text_offload`` the
+        encoder visits that device for this call only and goes back to the CPU afterwards."""
         check_prompt(prompt)
-        return self.text_encoder.encode([prompt]).to(self.transformer.device)
+        target = self.transformer.device
+        with self._text_lock:
+            if not (self.text_offload and self.text_encoder.device != target):
+                return self.text_encoder.encode([prompt]).to(target)
+            self.text_encoder.to(target)
+            try:
+                return self.text_encoder.encode([prompt]).to(target)
+            finally:
+                self.text_encoder.to("cpu")
+                if target.type == "cuda":
+                    torch.cuda.empty_cache()
 
     def stream(
         self,

@@ -3,8 +3,10 @@
 For every block of ``block_frames`` latent frames:
 
 1. start from Gaussian noise; for each timestep t of the warped schedule, predict the flow
-   v = model(x_t, t), take x0 = x_t − σ_t·v, and re-noise x0 to the next timestep with fresh noise
-   (x_{t'} = (1 − σ_{t'})·x0 + σ_{t'}·ε);
+   v = model(x_t, t), take x0 = x_t − σ_t·v, and move to the next timestep. ``solver="renoise"``
+   (Self-Forcing inference, right for a few-step distilled generator) re-noises x0 with fresh noise
+   (x_{t'} = (1 − σ_{t'})·x0 + σ_{t'}·ε); ``solver="euler"`` takes a deterministic Euler step of
+   the flow ODE (x_{t'} = x_t + (σ_{t'} − σ_t)·v), the usual sampler of a plain flow-matching model;
 2. decode the clean block with the streaming VAE decoder (yielded to the UI);
 3. if the cache policy compresses, compress the block (PackForcing);
 4. run the clean block once more at t = 0 (the *commit pass*) so every layer writes its clean K/V,
@@ -39,6 +41,11 @@ class SamplerConfig:
     denoising_steps: tuple[int, ...] = (1000, 750, 500, 250)
     shift: float = 5.0
     compressed_kv: str = "commit"  # how compressed tokens get per-layer K/V: "commit" | "projection"
+    solver: str = "renoise"  # between timesteps: "renoise" (fresh noise) | "euler" (deterministic ODE step)
+
+    def __post_init__(self):
+        if self.solver not in ("renoise", "euler"):
+            raise ValueError(f"solver must be 'renoise' or 'euler', got {self.solver!r}")
 
     @property
     def timesteps(self) -> list[float]:
@@ -129,8 +136,11 @@ def generate_blocks(
                     x0 = x - sigma * flow
                     if step + 1 < len(timesteps):
                         next_sigma = timesteps[step + 1] / NUM_TRAIN_TIMESTEPS
-                        noise = torch.randn(shape, generator=generator).to(device)
-                        x = (1 - next_sigma) * x0 + next_sigma * noise
+                        if config.solver == "euler":
+                            x = x + (next_sigma - sigma) * flow
+                        else:
+                            noise = torch.randn(shape, generator=generator).to(device)
+                            x = (1 - next_sigma) * x0 + next_sigma * noise
             pixels = None
             if decoder is not None:
                 with timer("decode"):

@@ -31,7 +31,6 @@ import contextvars
 import dataclasses
 import functools
 import gc
-import inspect
 import logging
 import math
 import os
@@ -51,6 +50,10 @@ import torch
 
 from . import safety
 from .cache import POLICIES
+from .knobs import (  # noqa: F401  (re-exported: the Studio's public surface)
+    KNOB_SPECS, POLICY_ORDER, KnobSpec, StudioError, coerce_knob, introspect, knob_specs, policy_compresses,
+    policy_knobs, policy_names, shown,
+)
 from .pipeline import COMPRESSOR_MODES, Pipeline, check_seed, to_uint8, write_video
 from .trace import TABLES, TraceRecorder, empty_tables, save_tables, summarize
 
@@ -65,7 +68,6 @@ os.environ.setdefault("IMAGEIO_FFMPEG_NO_PREVENT_SIGINT", "1")
 MIN_SECONDS = safety.DEFAULT_MIN_SECONDS  # the default; PACKFORCING_MIN_SECONDS may lower it (see min_seconds)
 MAX_PROMPT_CHARS = 500
 MAX_SEED = 2**31 - 1  # what a random seed is drawn from (any seed in [0, 2**63) is accepted)
-POLICY_ORDER = ("packforcing", "sink_window", "window", "deep_sink", "full")
 RUNS_DIR_ENV = safety.RUNS_DIR_ENV
 MAX_SECONDS_ENV = safety.MAX_SECONDS_ENV
 RUN_DIR_PREFIX = "packforcing-run-"
@@ -77,10 +79,6 @@ GPU_OVERHEAD_S = 20.0  # moving weights, warm-up, writing the video
 GPU_SECONDS_PER_BLOCK = 1.2  # Wan2.1-1.3B, 4-frame blocks, 4 steps + commit, on an H100/H200
 GPU_MARGIN = 1.5
 GPU_MAX_DURATION_S = 900
-
-
-class StudioError(ValueError):
-    """A bad input or an unavailable feature, with a message meant for the user."""
 
 
 # ---- models ------------------------------------------------------------------------------------
@@ -129,38 +127,6 @@ def _load_pretrained(source: str) -> Pipeline:
                                     dtype=torch.bfloat16 if cuda else torch.float32, local_files_only=True)
 
 
-def _guard_shared_modules(pipe: Pipeline) -> Pipeline:
-    """Make a pipeline safe to share between concurrent runs (``PACKFORCING_CONCURRENCY`` > 1).
-
-    The transformer and cache policies keep per-run state in the run's own objects, but the VAE's
-    public encode/decode (used by the compressor's LR branch) keep diffusers' causal cache on the
-    module itself, a streaming decoder's reset clears it, and a fast tokenizer may not be called
-    from two threads at once: those calls are serialised with one lock per pipeline.
-    """
-    if getattr(pipe, "_studio_lock", None) is not None:
-        return pipe
-    lock = threading.RLock()
-
-    def guard(obj, name):
-        fn = getattr(obj, name, None)
-        if fn is None:
-            return
-
-        @functools.wraps(fn)
-        def locked(*args, **kwargs):
-            with lock:
-                return fn(*args, **kwargs)
-
-        setattr(obj, name, locked)
-
-    guard(pipe.vae, "encode")
-    guard(pipe.vae, "decode")
-    guard(pipe.vae.vae, "clear_cache")
-    guard(pipe.text_encoder, "encode")
-    pipe._studio_lock = lock
-    return pipe
-
-
 def _public(text: str) -> str:
     """A message without the server's models directory path (shown as ``<models>``)."""
     root = safety.models_dir()
@@ -201,207 +167,13 @@ def get_pipeline(model: str = DEFAULT_MODEL) -> Pipeline:
                 pipe = loader()
             except (OSError, ValueError) as err:  # FileNotFoundError, WeightLoadError, bad config
                 raise StudioError(f"model {_public(label)!r} cannot be loaded: {_public(str(err))}") from None
-            _PIPELINES[key] = _guard_shared_modules(pipe)
+            _PIPELINES[key] = pipe
             evictable = [k for k in _PIPELINES if k not in MODELS]
             while len(_PIPELINES) > MAX_LOADED_MODELS and evictable:
                 _PIPELINES.pop(evictable.pop(0))  # a run still using it keeps its own reference
         _PIPELINES.move_to_end(key)
     pipe.max_seconds = max_seconds()
     return pipe
-
-
-# ---- policies and their knobs ------------------------------------------------------------------
-def policy_names() -> list[str]:
-    """Registered cache policies (`packforcing.cache.POLICIES`), in a friendly order."""
-    known = [p for p in POLICY_ORDER if p in POLICIES]
-    return known + sorted(set(POLICIES) - set(known))
-
-
-def policy_compresses(policy: str) -> bool:
-    return bool(getattr(POLICIES.get(policy), "compresses", False))
-
-
-@dataclasses.dataclass(frozen=True)
-class KnobSpec:
-    """How to present one policy option. ``kind``: int | float | bool | choice | text."""
-
-    name: str
-    kind: str
-    label: str
-    info: str = ""
-    minimum: float | None = None
-    maximum: float | None = None
-    step: float | None = None
-    choices: tuple[str, ...] = ()
-    advanced: bool = False  # shown in a collapsed "advanced" group
-
-
-def _known_specs() -> dict[str, KnobSpec]:
-    from .cache.packforcing import MID_SPANS, SCOPES, SELECTIONS
-
-    frames = "latent frames, a multiple of the block (4)"
-    specs = [
-        KnobSpec("sink_frames", "int", "Sink frames", f"first frames kept at full resolution, never evicted ({frames})",
-                 0, 64, 4),
-        KnobSpec("window_frames", "int", "Window frames", f"most recent frames kept at full resolution ({frames})",
-                 4, 128, 4),
-        KnobSpec("recent_frames", "int", "Recent frames", f"newest frames kept at full resolution ({frames})",
-                 4, 32, 4),
-        KnobSpec("top_k", "int", "Top-k mid blocks", "compressed mid blocks attended per generation block",
-                 0, 64, 1),
-        KnobSpec("keep_tokens", "int", "Kept middle tokens",
-                 "tokens kept by attention score between sink and recent (empty = automatic: two blocks)", 0),
-        KnobSpec("archive_blocks", "int", "Mid archive (blocks)", "compressed mid blocks stored, FIFO beyond it",
-                 1, 512, 1, advanced=True),
-        KnobSpec("selection", "choice", "Mid selection", "topk = paper's scores; recency = the k newest (ablation)",
-                 choices=tuple(SELECTIONS), advanced=True),
-        KnobSpec("scope", "choice", "Selection scope", "each layer selects, or one selection shared by all layers",
-                 choices=tuple(SCOPES), advanced=True),
-        KnobSpec("score_queries", "int", "Scoring queries", "query tokens sampled for the top-k scores",
-                 16, 4096, 16, advanced=True),
-        KnobSpec("rope_adjust", "bool", "Temporal RoPE adjustment",
-                 "re-position kept blocks contiguously (off = absolute positions, the ablation)"),
-        KnobSpec("mid_span", "choice", "Mid-span mode", "temporal positions one mid block occupies after adjustment",
-                 choices=tuple(MID_SPANS)),
-    ]
-    return {s.name: s for s in specs}
-
-
-KNOB_SPECS = _known_specs()
-_SKIPPED_PARAMS = {"self", "geometry", "recorder", "compressed_t_offsets"}
-_HIDDEN_KNOBS = {"archive_device"}
-
-
-def _config_class(cls) -> type | None:
-    """The config dataclass of a policy that takes ``config=`` (e.g. PackForcingConfig)."""
-    explicit = getattr(cls, "config_class", None)
-    if dataclasses.is_dataclass(explicit):
-        return explicit
-    try:
-        import typing
-
-        hint = typing.get_type_hints(cls.__init__).get("config")
-        for candidate in (hint, *getattr(hint, "__args__", ())):
-            if dataclasses.is_dataclass(candidate):
-                return candidate
-    except Exception:  # unresolvable annotations: fall through to the naming convention
-        pass
-    module = inspect.getmodule(cls)
-    name = cls.__name__.removesuffix("Cache") + "Config"
-    candidate = getattr(module, name, None)
-    return candidate if dataclasses.is_dataclass(candidate) else None
-
-
-def _annotation_kind(annotation, default) -> str | None:
-    """The knob kind of a parameter: from its default, else from its (possibly string) annotation."""
-    kind = _knob_kind(default)
-    if kind is not None or default is not None:
-        return kind
-    text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
-    text = str(text).replace("typing.", "").replace("Optional", "")
-    for word, kind in (("bool", "bool"), ("int", "int"), ("float", "float"), ("str", "text")):
-        if word in text.replace("|", " ").replace("[", " ").replace("]", " ").split():
-            return kind
-    return None
-
-
-def _introspect(policy: str) -> dict[str, tuple[Any, str]]:
-    """name -> (default, kind) for every option a policy accepts (``__init__`` or config dataclass)."""
-    cls = POLICIES.get(policy)
-    if cls is None:
-        raise StudioError(f"unknown cache policy {policy!r}; choose from {policy_names()}")
-    knobs: dict[str, tuple[Any, str | None]] = {}
-    for param in inspect.signature(cls.__init__).parameters.values():
-        if param.name in _SKIPPED_PARAMS or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
-            continue
-        if param.name == "config":
-            config = _config_class(cls)
-            if config is not None:
-                for f in dataclasses.fields(config):
-                    if f.default is not dataclasses.MISSING:
-                        default = f.default
-                    elif f.default_factory is not dataclasses.MISSING:
-                        default = f.default_factory()
-                    else:
-                        continue
-                    knobs[f.name] = (default, _annotation_kind(f.type, default))
-            continue
-        if param.default is not param.empty:
-            knobs[param.name] = (param.default, _annotation_kind(param.annotation, param.default))
-    return {k: (d, kind) for k, (d, kind) in knobs.items() if k not in _HIDDEN_KNOBS and kind is not None}
-
-
-def policy_knobs(policy: str) -> dict[str, Any]:
-    """The options a policy accepts, with their defaults (introspected, so new policies work).
-
-    A default of None means "automatic" (e.g. deep_sink's ``keep_tokens``)."""
-    return {name: default for name, (default, _) in _introspect(policy).items()}
-
-
-def _knob_kind(value) -> str | None:
-    if isinstance(value, bool):
-        return "bool"
-    if isinstance(value, int):
-        return "int"
-    if isinstance(value, float):
-        return "float"
-    if isinstance(value, str):
-        return "text"
-    return None
-
-
-def knob_specs() -> dict[str, KnobSpec]:
-    """A spec for every knob of every registered policy (union, in a stable order)."""
-    out: dict[str, KnobSpec] = {}
-    for policy in policy_names():
-        for name, (_, kind) in _introspect(policy).items():
-            if name not in out:
-                out[name] = KNOB_SPECS.get(name) or KnobSpec(name, kind, name.replace("_", " ").capitalize())
-    order = list(KNOB_SPECS)
-    return dict(sorted(out.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
-
-
-def _shown(value, limit: int = 60) -> str:
-    """``repr(value)``, shortened: error messages echo user input without flooding the page."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 15] + f"… ({len(text)} chars)"
-
-
-def _coerce_knob(policy: str, name: str, value, default, kind: str):
-    what = f"{policy}: {KNOB_SPECS[name].label if name in KNOB_SPECS else name}"
-    if value is None or (isinstance(value, str) and not value.strip() and kind != "text"):
-        return default
-    if kind == "bool":
-        if isinstance(value, (bool, np.bool_)):
-            return bool(value)
-        raise StudioError(f"{what} must be true or false, got {_shown(value)}")
-    if kind in ("int", "float"):
-        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-            try:
-                value = float(str(value).strip())
-            except ValueError:
-                raise StudioError(f"{what} must be a number, got {_shown(value)}") from None
-        try:
-            value = float(value)
-        except OverflowError:
-            value = math.inf if value > 0 else -math.inf
-        if not math.isfinite(value):
-            raise StudioError(f"{what} must be a finite number, got {value}")
-        if kind == "int":
-            if not value.is_integer():
-                raise StudioError(f"{what} must be a whole number, got {value:g}")
-            value = int(value)
-        spec = KNOB_SPECS.get(name)
-        if spec is not None and spec.minimum is not None and value < spec.minimum:
-            raise StudioError(f"{what} must be at least {spec.minimum:g}, got {value:g}")
-        if spec is not None and spec.maximum is not None and value > spec.maximum:
-            raise StudioError(f"{what} must be at most {spec.maximum:g}, got {value:g}")
-        return value
-    value = str(value)
-    spec = KNOB_SPECS.get(name)
-    if spec is not None and spec.choices and value not in spec.choices:
-        raise StudioError(f"{what} must be one of {list(spec.choices)}, got {_shown(value)}")
-    return value
 
 
 # ---- requests ------------------------------------------------------------------------------------
@@ -476,7 +248,7 @@ def validate_request(
     except OverflowError:  # an int beyond float range
         seconds = math.inf
     except (TypeError, ValueError):
-        raise StudioError(f"The duration must be a number of seconds, got {_shown(seconds)}.") from None
+        raise StudioError(f"The duration must be a number of seconds, got {shown(seconds)}.") from None
     if not math.isfinite(seconds) or not shortest <= seconds <= limit:
         raise StudioError(
             f"The duration must be between {shortest:g} and {limit:g} seconds, got {seconds:g}."
@@ -492,14 +264,14 @@ def validate_request(
             seed = int(seed)
         seed = check_seed(seed)
     except (TypeError, ValueError, OverflowError):
-        raise StudioError(f"The seed must be a whole number between 0 and 2^63 - 1, got {_shown(raw_seed)}.") from None
+        raise StudioError(f"The seed must be a whole number between 0 and 2^63 - 1, got {shown(raw_seed)}.") from None
     if not isinstance(policy, str) or policy not in POLICIES:
-        raise StudioError(f"Unknown cache policy {_shown(policy)}; choose from {policy_names()}.")
-    accepted = _introspect(policy)
-    chosen = {k: _coerce_knob(policy, k, v, *accepted[k]) for k, v in (options or {}).items() if k in accepted}
+        raise StudioError(f"Unknown cache policy {shown(policy)}; choose from {policy_names()}.")
+    accepted = introspect(policy)
+    chosen = {k: coerce_knob(policy, k, v, *accepted[k]) for k, v in (options or {}).items() if k in accepted}
     chosen = {k: v for k, v in chosen.items() if v is not None}  # None = the policy's automatic default
     if compressor_mode is not None and compressor_mode not in COMPRESSOR_MODES:
-        raise StudioError(f"Unknown compressor branch {_shown(compressor_mode)}; choose from {list(COMPRESSOR_MODES)}.")
+        raise StudioError(f"Unknown compressor branch {shown(compressor_mode)}; choose from {list(COMPRESSOR_MODES)}.")
     if not policy_compresses(policy):
         compressor_mode = None
     model = model_key(model)

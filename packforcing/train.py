@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-STAGES = ("vae", "data", "vae_decoder", "transformer", "compressor", "all")
+STAGES = ("vae", "vae_decoder", "vae_long", "data", "vae_decoder_ft", "transformer", "average", "compressor", "all")
 
 
 @dataclass
@@ -52,11 +52,19 @@ class TrainConfig:
     vae_frames: int = 9
     vae_crop: int = 64
     vae_colour_from: int = 800  # VAE phase 2 (colour-weighted loss) starts at this step
-    vae_decoder_steps: int = 2300  # decoder-only phase (encoder frozen => latents unchanged)
+    vae_decoder_steps: int = 2100  # decoder-only phase (encoder frozen => latents unchanged)
     vae_decoder_frames: int = 17  # 5 latent frames, from step vae_decoder_long_from
     vae_decoder_long_from: int = 1300  # decoder phase uses vae_frames before this step
     vae_decoder_longer_frames: int = 25  # 7 latent frames (batch 2), from vae_decoder_longer_from:
     vae_decoder_longer_from: int = 1900  # the causal cache's steady state must decode right
+    vae_long_steps: int = 350  # encoder + decoder on 25-frame clips (the encoder's steady state
+    vae_long_lr: float = 5e-4  # after ~3 latent frames must keep colours apart)
+    vae_long_frames: int = 25
+    vae_decoder_ft_steps: int = 1500  # decoder-only fine-tune after `data` (latents unchanged): colours
+    vae_decoder_ft_lr: float = 8e-4
+    vae_decoder_ft_object_weight: float = 8.0  # objects are a few % of the pixels: weigh them up
+    transformer_init: str | None = None  # optional checkpoint to start the transformer from
+    transformer_object_weight: float = 0.0  # loss weight 1 + w·(distance from background) per cell (biased!)
     vae_decoder_lr: float = 1e-3
     # data
     num_clips: int = 200
@@ -80,6 +88,7 @@ class TrainConfig:
     # sampler stored with the model
     sample_steps: tuple[int, ...] = (1000, 750, 500, 250)
     sample_shift: float = 3.0
+    sample_solver: str = "renoise"  # "renoise" | "euler" (see packforcing.sampler)
     bf16: bool = True
     checkpoint_every: int = 25
 
@@ -172,15 +181,54 @@ def train_vae_decoder(cfg: TrainConfig, out: Path, resume: bool, progress: bool 
     return run_stage(stage, out / "vae_decoder", loop, resume)
 
 
+def train_vae_long(cfg: TrainConfig, out: Path, resume: bool, progress: bool = True) -> list[float]:
+    """Encoder + decoder on long clips (from the decoder phase's weights): a causal VAE trained on
+    9-frame clips only drifts once its feature caches reach their steady state (after ~3 latent
+    frames) — the encoder there mapped navy, dark green and maroon to nearly the same latent."""
+    from .training.loop import LoopConfig, run_stage
+    from .training.stages import VAEStage, VAEStageConfig
+
+    vae = load_stage_module(out, "vae_decoder", "vae", build_vae(cfg))
+    stage = VAEStage(vae, VAEStageConfig(2, cfg.vae_long_frames, cfg.vae_crop, seed=cfg.seed + 20, colour_from=0))
+    loop = LoopConfig(cfg.vae_long_steps, cfg.vae_long_lr, warmup=10, checkpoint_every=cfg.checkpoint_every,
+                      progress=progress, desc="vae_long")
+    return run_stage(stage, out / "vae_long", loop, resume)
+
+
+def train_vae_decoder_ft(cfg: TrainConfig, out: Path, resume: bool, progress: bool = True) -> list[float]:
+    """Decoder-only fine-tune of the exported VAE (`vae_final`) on 25-frame clips with the
+    colour-weighted loss. The encoder is frozen, so the encoded training latents stay valid and this
+    can run alongside the transformer."""
+    from diffusers import AutoencoderKLWan
+
+    from .training.loop import LoopConfig, run_stage
+    from .training.stages import VAEStage, VAEStageConfig
+
+    vae = AutoencoderKLWan.from_pretrained(out / "vae_final")
+    stage = VAEStage(vae, VAEStageConfig(2, cfg.vae_long_frames, cfg.vae_crop, seed=cfg.seed + 30,
+                                         train_encoder=False, colour_from=0, anchor_weight=0.0,
+                                         colour_anchor_weight=0.0, object_weight=cfg.vae_decoder_ft_object_weight))
+    loop = LoopConfig(cfg.vae_decoder_ft_steps, cfg.vae_decoder_ft_lr, warmup=10,
+                      checkpoint_every=cfg.checkpoint_every, progress=progress, desc="vae_decoder_ft")
+    return run_stage(stage, out / "vae_decoder_ft", loop, resume)
+
+
+def latest_vae_stage(out: Path) -> str:
+    from .training.loop import CHECKPOINT
+
+    return next(s for s in ("vae_long", "vae_decoder", "vae") if (out / s / CHECKPOINT).exists())
+
+
 def final_vae(cfg: TrainConfig, out: Path):
-    """The exported VAE: statistics from `data` (vae_final), decoder from the decoder phase if run."""
+    """The exported VAE: the weights `data` encoded with, statistics from `data` (vae_final), and
+    the decoder of `vae_decoder_ft` when that stage ran."""
     from diffusers import AutoencoderKLWan
 
     from .training.loop import CHECKPOINT
 
     vae = AutoencoderKLWan.from_pretrained(out / "vae_final")
-    if (out / "vae_decoder" / CHECKPOINT).exists():
-        load_stage_module(out, "vae_decoder", "vae", vae)
+    if (out / "vae_decoder_ft" / CHECKPOINT).exists():
+        load_stage_module(out, "vae_decoder_ft", "vae", vae)
     return vae.eval()
 
 
@@ -195,7 +243,7 @@ def prepare_data(cfg: TrainConfig, out: Path, progress: bool = True) -> None:
     """Encode the training clips, set latent statistics, build the text encoder and embeddings."""
     from .training.data import LATENTS, build_text_encoder, encode_dataset, save_latents, training_seeds
 
-    vae = load_stage_module(out, "vae", "vae", build_vae(cfg))
+    vae = load_stage_module(out, latest_vae_stage(out), "vae", build_vae(cfg))
     seeds = training_seeds(cfg.num_clips)
     data = encode_dataset(vae, seeds, cfg.clip_frames, cfg.height, progress=progress)
     raw = data["raw"]
@@ -225,20 +273,48 @@ def _load_data(cfg: TrainConfig, out: Path, progress: bool = True) -> dict:
     return load_latents(out / LATENTS)
 
 
-def train_transformer(cfg: TrainConfig, out: Path, resume: bool, progress: bool = True) -> list[float]:
+def train_transformer(cfg: TrainConfig, out: Path, resume: bool, progress: bool = True,
+                      stage_dir: str = "transformer") -> list[float]:
+    """Flow matching with teacher forcing; checkpoints in ``out/stage_dir`` (the exported and
+    compressor-training transformer is ``out/transformer``; other names keep intermediate phases)."""
     from .training.loop import LoopConfig, run_stage
     from .training.stages import TransformerStage, TransformerStageConfig
 
     data = _load_data(cfg, out, progress)
     model = build_transformer(cfg)
+    if cfg.transformer_init and not (resume and (out / stage_dir / "checkpoint.safetensors").exists()):
+        from .training.loop import load_checkpoint
+
+        load_checkpoint(Path(cfg.transformer_init), {"transformer": model}, None)
     scfg = TransformerStageConfig(
         block_frames=cfg.block_frames, num_blocks=(cfg.clip_frames + 3) // 4 // cfg.block_frames,
         shift=cfg.sample_shift, inference_steps=tuple(cfg.inference_timesteps()), context_noise=cfg.context_noise,
-        p_gap=cfg.p_gap, max_gap=cfg.max_gap, p_drop_first=cfg.p_drop_first, bf16=cfg.bf16, seed=cfg.seed)
+        p_gap=cfg.p_gap, max_gap=cfg.max_gap, p_drop_first=cfg.p_drop_first,
+        object_weight=cfg.transformer_object_weight, bf16=cfg.bf16, seed=cfg.seed)
     stage = TransformerStage(model, data["latents"], data["text"], data["caption_index"], scfg)
     loop = LoopConfig(cfg.transformer_steps, cfg.transformer_lr, warmup=30, checkpoint_every=cfg.checkpoint_every,
                       progress=progress, desc="transformer")
-    return run_stage(stage, out / "transformer", loop, resume)
+    return run_stage(stage, out / stage_dir, loop, resume)
+
+
+def average_transformers(out: Path, sources: list[str], weight: float, stage_dir: str = "transformer") -> Path:
+    """Write ``out/stage_dir/checkpoint.safetensors`` = weight·A + (1 − weight)·B of the transformer
+    weights of two checkpoints (a weight-space interpolation between two training phases)."""
+    from safetensors.torch import load_file, save_file
+
+    from .training.loop import CHECKPOINT
+
+    if len(sources) != 2 or not 0.0 <= weight <= 1.0:
+        raise ValueError("average needs --average-from A B and 0 <= --average-weight <= 1")
+    a, b = (load_file(str(p)) for p in sources)
+    keys = [k for k in a if k.startswith("model.transformer.")]
+    if sorted(keys) != sorted(k for k in b if k.startswith("model.transformer.")):
+        raise ValueError(f"{sources[0]} and {sources[1]} hold different transformer weights")
+    mixed = {k: (weight * a[k].double() + (1 - weight) * b[k].double()).to(a[k].dtype) for k in keys}
+    path = out / stage_dir / CHECKPOINT
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(mixed, str(path), metadata={"step": "0", "average_of": json.dumps(sources), "weight": str(weight)})
+    return path
 
 
 def train_compressor(cfg: TrainConfig, out: Path, resume: bool, progress: bool = True) -> list[float]:
@@ -283,11 +359,13 @@ def export(cfg: TrainConfig, out: Path, dest: Path) -> Path:
     settings = {
         "name": PIPELINE_NAME, "height": cfg.height, "width": cfg.width, "fps": cfg.fps,
         "block_frames": cfg.block_frames, "denoising_steps": list(cfg.sample_steps), "shift": cfg.sample_shift,
+        "solver": cfg.sample_solver,
         "training": {
-            "command": "python -m packforcing.train all --out runs/tiny-world --export assets/tiny-world",
+            "command": "bash scripts/train_tiny_world.sh",
             "config": dataclasses.asdict(cfg),
             "final_loss_mean_last_50": {s: _final_loss(out, s)
-                                        for s in ("vae", "vae_decoder", "transformer", "compressor")},
+                                        for s in ("vae", "vae_decoder", "vae_long", "vae_decoder_ft", "transformer",
+                                                  "compressor")},
             "wall_seconds": times,
         },
     }
@@ -303,6 +381,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--export", default=None, help="after training, write the tiny-world directory here")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--average-from", nargs=2, default=None, metavar=("A", "B"),
+                   help="average stage: the two transformer checkpoints to interpolate")
+    p.add_argument("--average-weight", type=float, default=0.5, help="average stage: weight of A")
+    p.add_argument("--stage-dir", default=None,
+                   help="transformer stage only: checkpoint directory under --out (default: transformer)")
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         if f.type in ("bool", bool):
@@ -310,7 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
         elif f.name == "sample_steps":
             p.add_argument(flag, type=int, nargs="+", default=None)
         else:
-            kind = {"int": int, "float": float}.get(str(f.type), type(f.default))
+            kind = {"int": int, "float": float, "str | None": str}.get(str(f.type), type(f.default))
             p.add_argument(flag, type=kind, default=None)
     return p
 
@@ -345,7 +428,8 @@ def main(argv=None) -> int:
     out = Path(args.out)
     cfg = resolve_config(args, out)
     progress = not args.no_progress
-    stages = ["vae", "data", "vae_decoder", "transformer", "compressor"] if args.stage == "all" else [args.stage]
+    stages = (["vae", "vae_decoder", "vae_long", "data", "vae_decoder_ft", "transformer", "compressor"]
+              if args.stage == "all" else [args.stage])
     from .training.data import LATENTS
 
     for stage in stages:
@@ -358,9 +442,20 @@ def main(argv=None) -> int:
         elif stage == "vae_decoder":
             if not (args.stage == "all" and args.resume and _done(out, "vae_decoder", cfg.vae_decoder_steps)):
                 _timed(out, "vae_decoder", train_vae_decoder, cfg, out, args.resume, progress)
+        elif stage == "vae_long":
+            if not (args.stage == "all" and args.resume and _done(out, "vae_long", cfg.vae_long_steps)):
+                _timed(out, "vae_long", train_vae_long, cfg, out, args.resume, progress)
+        elif stage == "vae_decoder_ft":
+            if not (args.stage == "all" and args.resume and _done(out, "vae_decoder_ft", cfg.vae_decoder_ft_steps)):
+                _timed(out, "vae_decoder_ft", train_vae_decoder_ft, cfg, out, args.resume, progress)
         elif stage == "transformer":
             if not (args.stage == "all" and args.resume and _done(out, "transformer", cfg.transformer_steps)):
-                _timed(out, "transformer", train_transformer, cfg, out, args.resume, progress)
+                _timed(out, "transformer", train_transformer, cfg, out, args.resume, progress,
+                       args.stage_dir or "transformer")
+        elif stage == "average":
+            path = average_transformers(out, args.average_from or [], args.average_weight,
+                                        args.stage_dir or "transformer")
+            print(f"wrote {path}")
         elif stage == "compressor":
             if not (args.stage == "all" and args.resume and _done(out, "compressor", cfg.compressor_steps)):
                 _timed(out, "compressor", train_compressor, cfg, out, args.resume, progress)

@@ -11,6 +11,7 @@ to 4, so ``F`` latent frames give ``4·F − 3`` pixel frames.
 from __future__ import annotations
 
 import contextlib
+import threading
 import types
 
 import torch
@@ -82,10 +83,16 @@ def pixel_frames(latent_frames: int, first: bool = True) -> int:
 
 
 class WanVAE:
-    """Wraps an `AutoencoderKLWan` with normalised-latent encode/decode."""
+    """Wraps an `AutoencoderKLWan` with normalised-latent encode/decode.
+
+    Safe to share between threads: diffusers' public encode/decode keep their causal feature cache
+    on the module itself, so they (and a streaming decoder's reset, which clears it) run under
+    ``self.lock``. A `StreamingDecoder` keeps its own cache, so concurrent streams don't collide.
+    """
 
     def __init__(self, vae: AutoencoderKLWan, onednn_cpu_conv: bool = True):
         self.vae = vae
+        self.lock = threading.RLock()
         if onednn_cpu_conv:
             use_onednn_conv3d(vae)
         cfg = vae.config
@@ -119,14 +126,16 @@ class WanVAE:
             raise ValueError(
                 f"VAE encode needs 1+{self.temporal_ratio}k pixel frames, got {pixels.shape[2]}"
             )
-        mean = self.vae.encode(pixels.to(self.device, self.dtype)).latent_dist.mean
+        with self.lock:
+            mean = self.vae.encode(pixels.to(self.device, self.dtype)).latent_dist.mean
         return self.normalize(mean.float())
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Full decode of normalised latents [B,16,F,h,w] -> pixels [B,3,4F-3,H,W]."""
         z = self.denormalize(latents.float()).to(self.device, self.dtype)
-        return self.vae.decode(z).sample.float()
+        with self.lock:
+            return self.vae.decode(z).sample.float()
 
     def streaming_decoder(self) -> "StreamingDecoder":
         return StreamingDecoder(self)
@@ -146,7 +155,8 @@ class StreamingDecoder:
 
     def reset(self) -> None:
         vae = self.wan.vae
-        vae.clear_cache()  # populates the conv count
+        with self.wan.lock:
+            vae.clear_cache()  # populates the conv count
         self._feat_map = [None] * vae._conv_num
         self.frames_decoded = 0  # latent frames
 

@@ -468,7 +468,6 @@ def test_app_wires_the_concurrency_and_queue_limits(monkeypatch):
             demo._queue.max_size
 
     assert limits(app.demo) == ({"generate": 1, "compare": 1}, 1, 64)  # the defaults
-    assert studio.get_pipeline()._studio_lock is not None  # safe to share between concurrent runs
     monkeypatch.setenv(safety.CONCURRENCY_ENV, "3")
     monkeypatch.setenv(safety.QUEUE_SIZE_ENV, "10")
     assert limits(app.build_demo()) == ({"generate": 3, "compare": 3}, 3, 10)

@@ -65,14 +65,16 @@ def test_parameter_counts_and_bytes_per_token():
     assert WAN.bytes_per_token == 184_320
     from packforcing.pipeline import Pipeline
 
-    pipe = Pipeline.default()
+    pipe = Pipeline.tiny_random()  # the "tiny" preset: the tiny architecture with random weights
     assert est.parameter_counts(TINY)["transformer"] == sum(p.numel() for p in pipe.transformer.parameters())
-    spec = est.spec_from_pipeline(pipe)
-    assert spec.tokens_per_block == pipe.geometry().tokens_per_block
-    assert spec.bytes_per_token == pipe.geometry().bytes_per_token
-    assert spec.compressed_tokens == TINY.compressed_tokens == 8
     assert est.estimate(pipe, "full", 5, with_params=False)["kv_bytes"] == \
         est.estimate("tiny", "full", 5, with_params=False)["kv_bytes"]
+    for pipe in (pipe, Pipeline.default()):  # and whatever the embedded default model is
+        spec = est.spec_from_pipeline(pipe)
+        assert est.parameter_counts(spec)["transformer"] == sum(p.numel() for p in pipe.transformer.parameters())
+        assert spec.tokens_per_block == pipe.geometry().tokens_per_block
+        assert spec.bytes_per_token == pipe.geometry().bytes_per_token
+        assert spec.compressed_tokens == TINY.compressed_tokens == 8
 
 
 def test_full_history_grows_and_packforcing_is_bounded():

@@ -69,7 +69,7 @@ def served(pipe, tmp_path, monkeypatch):
     monkeypatch.setenv(safety.CONCURRENCY_ENV, str(LIMIT))
     monkeypatch.setenv(safety.MIN_SECONDS_ENV, "1")
     monkeypatch.setenv(safety.RUNS_DIR_ENV, str(tmp_path / "runs"))
-    monkeypatch.setitem(studio._PIPELINES, studio.DEFAULT_MODEL, studio._guard_shared_modules(pipe))
+    monkeypatch.setitem(studio._PIPELINES, studio.DEFAULT_MODEL, pipe)
     meter = Meter(studio.device_stream)
     monkeypatch.setattr(studio, "device_stream", meter)
     studio._RUN_LOCK.reset_peak()

@@ -83,3 +83,30 @@ def test_same_seed_same_video(tiny_model):
 
     assert torch.equal(run(7), run(7))
     assert not torch.equal(run(7), run(8))
+
+
+@pytest.mark.parametrize("solver", ["renoise", "euler"])
+def test_solver_steps_between_timesteps(tiny_model, solver):
+    """Each step's input follows from the previous step's model output: Euler moves along the flow
+    (x' = x + (σ' − σ)·v), renoise draws fresh noise around x0 = x − σ·v; the block's latents are
+    the last x0 either way."""
+    geometry = tiny_geometry(4, (4, 4), TINY["num_layers"], TINY["num_attention_heads"], 32)
+    calls = _record_calls(tiny_model)
+    try:
+        config = SamplerConfig(solver=solver)
+        blocks = list(generate_blocks(tiny_model, torch.randn(1, 5, 64), make_policy("full", geometry), 2,
+                                      (8, 8), config, seed=1))
+    finally:
+        del tiny_model.forward_block
+    sigmas = [t / 1000 for t in config.timesteps]
+    for b, block in enumerate(blocks):
+        noisy = [c for c in calls if c["t_start"] == 4 * b and c["step"] < len(sigmas)]
+        for k in range(len(sigmas) - 1):
+            euler = noisy[k]["x"] + (sigmas[k + 1] - sigmas[k]) * noisy[k]["out"]
+            assert torch.allclose(noisy[k + 1]["x"], euler, atol=1e-5) == (solver == "euler")
+        torch.testing.assert_close(block.latents, noisy[-1]["x"] - sigmas[-1] * noisy[-1]["out"])
+
+
+def test_unknown_solver_is_refused():
+    with pytest.raises(ValueError, match="solver"):
+        SamplerConfig(solver="ddpm")

@@ -92,3 +92,42 @@ def test_long_prompt_is_truncated(encoder):
     assert ids[0, -1].item() == encoder.tokenizer.eos_token_id  # EOS kept last
     emb = encoder.encode(["a cat walks " * 100])
     assert emb.shape == (1, 16, 64) and (emb[0].abs().sum(-1) > 0).all()
+
+
+class _OffloadSpy:
+    """Stands in for a text encoder that lives on another device (here "meta") between prompts."""
+
+    def __init__(self, fail=False):
+        self.device, self.calls, self.fail = torch.device("meta"), [], fail
+
+    def to(self, device=None, dtype=None):
+        self.device = torch.device(device)
+        self.calls.append(("to", str(device)))
+        return self
+
+    def encode(self, prompts):
+        self.calls.append(("encode", str(self.device)))
+        if self.fail:
+            raise RuntimeError("boom")
+        return torch.ones(len(prompts), 3, 4, device=self.device)
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_text_offload_visits_the_transformer_device_only_while_encoding(fail):
+    from packforcing.pipeline import Pipeline
+
+    pipe = Pipeline.tiny_random()
+    spy = pipe.text_encoder = _OffloadSpy(fail)
+    pipe.text_offload = True
+    if fail:
+        with pytest.raises(RuntimeError, match="boom"):
+            pipe.encode_prompt("a red circle")
+    else:
+        assert pipe.encode_prompt("a red circle").device == pipe.transformer.device
+    # moved to the transformer's device, encoded there, sent back to the CPU even after an error
+    assert spy.calls == [("to", "cpu"), ("encode", "cpu"), ("to", "cpu")]
+    pipe.text_offload = False
+    spy.calls.clear()
+    spy.fail = False
+    pipe.encode_prompt("a red circle")
+    assert spy.calls == [("encode", "cpu")]  # without offload the encoder is never moved

@@ -15,7 +15,7 @@ from packforcing.training.data import HELDOUT_PROMPTS, build_text_encoder, train
 from packforcing.training.loop import CHECKPOINT, LoopConfig, run_stage
 from packforcing.training.stages import (
     CompressorStage, CompressorStageConfig, TransformerStage, TransformerStageConfig, VAEStage, VAEStageConfig,
-    lr_tokens, teacher_forcing_layout, three_partition_layout,
+    lr_tokens, object_weights, teacher_forcing_layout, three_partition_layout,
 )
 from packforcing.vae import WanVAE, tiny_vae_config
 
@@ -53,24 +53,40 @@ def test_vae_stage_loss_falls(tmp_path):
     assert (tmp_path / CHECKPOINT).exists() and (tmp_path / "log.csv").read_text().count("\n") == 11
 
 
-def test_vae_decoder_phase_keeps_the_encoder(tmp_path):
-    """The decoder-only phase must not move the encoder: the cached training latents stay valid."""
+@pytest.mark.parametrize("object_weight", [0.0, 8.0])
+def test_vae_decoder_phase_keeps_the_encoder(tmp_path, object_weight):
+    """The decoder-only phases must not move the encoder: the cached training latents stay valid."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         vae = AutoencoderKLWan(**tiny_vae_config(4, 16))
     encoder = {k: v.clone() for k, v in vae.state_dict().items() if k.startswith(("encoder.", "quant_conv."))}
     stage = VAEStage(vae, VAEStageConfig(batch=1, frames=5, crop=16, data_steps=1, train_encoder=False,
-                                         colour_from=0, anchor_weight=0.0, colour_anchor_weight=0.0))
+                                         colour_from=0, anchor_weight=0.0, colour_anchor_weight=0.0,
+                                         object_weight=object_weight))
     losses = run_stage(stage, tmp_path, _loop(6, 3e-3))
     assert _falls(losses, k=2)
     assert all(torch.equal(v, vae.state_dict()[k]) for k, v in encoder.items())
 
 
-def test_transformer_stage_loss_falls(tmp_path):
+@pytest.mark.parametrize("object_weight", [0.0, 4.0])
+def test_transformer_stage_loss_falls(tmp_path, object_weight):
     stage = TransformerStage(_model(), _latents(), torch.randn(2, 6, 16), torch.tensor([0, 1]),
-                             TransformerStageConfig(data_steps=2, bf16=False))
+                             TransformerStageConfig(data_steps=2, bf16=False, object_weight=object_weight))
     losses = run_stage(stage, tmp_path, _loop(12, 3e-3))
     assert _falls(losses)
+
+
+def test_object_weights_single_out_cells_that_differ_from_the_background():
+    x0 = torch.randn(1, 16, 1, 1, 1).expand(1, 16, 3, 6, 6).clone()  # a flat background, 3 frames
+    x0[:, :, 1, 2, 3] += 2.0  # one "object" cell in frame 1
+    x0[:, :, 2, 0, 0] += 1.0  # a fainter one in frame 2
+    w = object_weights(x0, 4.0)
+    assert w.shape == (1, 1, 3, 6, 6)
+    assert torch.allclose(w[:, :, 0], torch.ones(1, 1, 6, 6))  # nothing but background: weight 1
+    assert w[0, 0, 1, 2, 3] == pytest.approx(5.0) and w[0, 0, 2, 0, 0] == pytest.approx(5.0)
+    others = torch.ones_like(w, dtype=torch.bool)
+    others[0, 0, 1, 2, 3] = others[0, 0, 2, 0, 0] = False
+    assert torch.allclose(w[others], torch.ones(()))
 
 
 def test_compressor_stage_trains_only_hr_and_loss_falls(tmp_path):
@@ -179,3 +195,41 @@ def test_export_load_round_trip(tmp_path):
     kw = dict(seconds=3, policy="packforcing", seed=3, sink_frames=4, recent_frames=4, top_k=1)
     a, b = original.generate(prompt, **kw), loaded.generate(prompt, **kw)
     assert a.shape == (3 * 16 - 3, 64, 64, 3) and np.array_equal(a, b)
+
+
+@pytest.mark.skipif(not __import__("packforcing.tiny_world").tiny_world.has_tiny_world(), reason="no assets")
+def test_shipped_tiny_world_loads_and_is_small():
+    from packforcing.tiny_world import TINY_WORLD_DIR, load_tiny_world
+
+    total = sum(p.stat().st_size for p in TINY_WORLD_DIR.rglob("*") if p.is_file())
+    assert total < 40 * 2**20
+    pipe = load_tiny_world()
+    assert pipe.name == "tiny-world (trained here)" and (pipe.height, pipe.width, pipe.fps) == (128, 128, 16)
+    assert pipe.transformer.config.num_layers == 4 and pipe.compressor.mode == "both"
+    prompt = "a red circle bouncing over a navy background"
+    a = pipe.generate(prompt, seconds=1, policy="window", seed=1, window_frames=4)
+    b = pipe.generate(prompt, seconds=1, policy="window", seed=1, window_frames=4)
+    assert a.shape == (13, 128, 128, 3) and np.array_equal(a, b) and a.std() > 0
+
+
+def test_average_interpolates_two_transformer_checkpoints(tmp_path):
+    from packforcing.train import average_transformers, load_stage_module
+    from packforcing.training.loop import save_checkpoint
+
+    models = [_model(seed=1), _model(seed=2)]
+    paths = []
+    for i, model in enumerate(models):
+        opt = torch.optim.AdamW(model.parameters())
+        paths.append(tmp_path / f"m{i}.safetensors")
+        save_checkpoint(paths[-1], 7, {"transformer": model}, opt)
+    average_transformers(tmp_path / "out", [str(p) for p in paths], 0.25)
+    mixed = load_stage_module(tmp_path / "out", "transformer", "transformer", _model(seed=3))
+    a, b = models[0].state_dict(), models[1].state_dict()
+    for k, v in mixed.state_dict().items():
+        torch.testing.assert_close(v, 0.25 * a[k] + 0.75 * b[k])
+    with pytest.raises(ValueError, match="different transformer weights"):
+        comp = Compressor(32, mode="both")
+        save_checkpoint(tmp_path / "c.safetensors", 1, {"hr": comp.hr}, torch.optim.AdamW(comp.hr.parameters()))
+        average_transformers(tmp_path / "out", [str(paths[0]), str(tmp_path / "c.safetensors")], 0.5)
+    with pytest.raises(ValueError, match="average-weight"):
+        average_transformers(tmp_path / "out", [str(p) for p in paths], 1.5)

@@ -52,3 +52,35 @@ def test_onednn_conv_path_matches_aten_and_restores():
     with conv3d_backend(conv, onednn=False):
         torch.testing.assert_close(conv(x), ref, rtol=0, atol=0)
     assert "_conv_forward" in vars(conv)  # the permanent routing is back
+
+
+def test_concurrent_encodes_and_streams_give_the_results_of_sequential_ones(vae):
+    """Two runs sharing one VAE (the Studio with PACKFORCING_CONCURRENCY > 1): one thread encodes
+    (the LR branch) while another resets and streams (a new video). Each result must equal the one
+    computed alone: diffusers' module-level cache is only touched under ``WanVAE.lock``."""
+    import threading
+
+    pixels = torch.rand(1, 3, 9, 32, 48) * 2 - 1
+    latents = torch.randn(1, 16, 8, 4, 6)
+    alone_encode = vae.encode(pixels)
+    results = {"encode": [], "stream": []}
+
+    def encoder():
+        for _ in range(8):
+            results["encode"].append(vae.encode(pixels))
+
+    def stream():
+        decoder = vae.streaming_decoder()
+        return torch.cat([decoder.decode_block(latents[:, :, i : i + 4]) for i in (0, 4)], dim=2)
+
+    def streamer():
+        for _ in range(8):
+            results["stream"].append(stream())
+
+    alone_stream = stream()
+    threads = [threading.Thread(target=encoder), threading.Thread(target=streamer)]
+    with torch.inference_mode():
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+    assert all(torch.equal(e, alone_encode) for e in results["encode"]) and len(results["encode"]) == 8
+    assert all(torch.equal(s, alone_stream) for s in results["stream"]) and len(results["stream"]) == 8
