@@ -284,15 +284,16 @@ class Pipeline:
         check_prompt(prompt)
         target = self.transformer.device
         with self._text_lock:
-            if not (self.text_offload and self.text_encoder.device != target):
-                return self.text_encoder.encode([prompt]).to(target)
-            self.text_encoder.to(target)
+            visiting = self.text_offload and self.text_encoder.device != target
+            if visiting:
+                self.text_encoder.to(target)
             try:
                 return self.text_encoder.encode([prompt]).to(target)
             finally:
-                self.text_encoder.to("cpu")
-                if target.type == "cuda":
-                    torch.cuda.empty_cache()
+                if visiting:
+                    self.text_encoder.to("cpu")
+                    if target.type == "cuda":
+                        torch.cuda.empty_cache()
 
     def stream(
         self,

@@ -2,17 +2,22 @@
 
     python -m packforcing.train all --out runs/tiny-world --export assets/tiny-world
 
-Stages (each resumable with ``--resume``; ``all`` runs them in order and skips finished ones):
+Stages (each resumable with ``--resume``; ``all`` runs them in this order and skips finished ones;
+`scripts/train_tiny_world.sh` is the exact sequence behind the shipped weights):
 
 1. ``vae``: a tiny `AutoencoderKLWan` on random 64×64 crops of 9-frame procedural clips.
-2. ``data``: encode the training clips (5-second, 77 frames, 128×128) with it, set the VAE's
+2. ``vae_decoder``: decoder only (encoder frozen), colour-weighted, up to 25-frame clips.
+3. ``vae_long``: encoder + decoder on 25-frame clips (the causal caches' steady state).
+4. ``data``: encode the training clips (5-second, 77 frames, 128×128), set the VAE's
    ``latents_mean/std`` to the per-channel data statistics, build the text encoder, cache the
    caption embeddings (runs automatically before ``transformer`` if missing).
-3. ``transformer``: a small `CausalWanTransformer`, flow matching with teacher forcing in the
-   block-causal layout (see `packforcing.training.stages`).
-4. ``compressor``: the HR branch of the PackForcing compressor with the three-partition context
+5. ``vae_decoder_ft``: decoder only again, object-weighted, so small objects keep their colours.
+6. ``transformer``: a small `CausalWanTransformer`, flow matching with teacher forcing in the
+   block-causal layout (see `packforcing.training.stages`); ``--stage-dir`` keeps intermediate phases.
+7. ``average`` (not in ``all``): interpolate two transformer checkpoints into ``OUT/transformer``.
+8. ``compressor``: the HR branch of the PackForcing compressor with the three-partition context
    (transformer frozen, LR branch frozen).
-5. ``--export DIR``: write the `tiny_world` directory (safetensors + JSON) that
+9. ``--export DIR``: write the `tiny_world` directory (safetensors + JSON) that
    `packforcing.tiny_world.load_tiny_world` loads.
 
 Every stage writes ``OUT/<stage>/checkpoint.safetensors`` (weights + AdamW state, no pickles)
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import sys
 import time
@@ -432,33 +438,27 @@ def main(argv=None) -> int:
               if args.stage == "all" else [args.stage])
     from .training.data import LATENTS
 
+    trainers = {  # stage -> (function, its step count: `all --resume` skips stages that reached it)
+        "vae": (train_vae, cfg.vae_steps),
+        "vae_decoder": (train_vae_decoder, cfg.vae_decoder_steps),
+        "vae_long": (train_vae_long, cfg.vae_long_steps),
+        "vae_decoder_ft": (train_vae_decoder_ft, cfg.vae_decoder_ft_steps),
+        "transformer": (functools.partial(train_transformer, stage_dir=args.stage_dir or "transformer"),
+                        cfg.transformer_steps),
+        "compressor": (train_compressor, cfg.compressor_steps),
+    }
     for stage in stages:
-        if stage == "vae":
-            if not (args.stage == "all" and args.resume and _done(out, "vae", cfg.vae_steps)):
-                _timed(out, "vae", train_vae, cfg, out, args.resume, progress)
-        elif stage == "data":
+        if stage == "data":
             if not (args.resume and (out / LATENTS).exists()) or args.stage == "data":
                 _timed(out, "data", prepare_data, cfg, out, progress)
-        elif stage == "vae_decoder":
-            if not (args.stage == "all" and args.resume and _done(out, "vae_decoder", cfg.vae_decoder_steps)):
-                _timed(out, "vae_decoder", train_vae_decoder, cfg, out, args.resume, progress)
-        elif stage == "vae_long":
-            if not (args.stage == "all" and args.resume and _done(out, "vae_long", cfg.vae_long_steps)):
-                _timed(out, "vae_long", train_vae_long, cfg, out, args.resume, progress)
-        elif stage == "vae_decoder_ft":
-            if not (args.stage == "all" and args.resume and _done(out, "vae_decoder_ft", cfg.vae_decoder_ft_steps)):
-                _timed(out, "vae_decoder_ft", train_vae_decoder_ft, cfg, out, args.resume, progress)
-        elif stage == "transformer":
-            if not (args.stage == "all" and args.resume and _done(out, "transformer", cfg.transformer_steps)):
-                _timed(out, "transformer", train_transformer, cfg, out, args.resume, progress,
-                       args.stage_dir or "transformer")
         elif stage == "average":
             path = average_transformers(out, args.average_from or [], args.average_weight,
                                         args.stage_dir or "transformer")
             print(f"wrote {path}")
-        elif stage == "compressor":
-            if not (args.stage == "all" and args.resume and _done(out, "compressor", cfg.compressor_steps)):
-                _timed(out, "compressor", train_compressor, cfg, out, args.resume, progress)
+        else:
+            train, steps = trainers[stage]
+            if not (args.stage == "all" and args.resume and _done(out, stage, steps)):
+                _timed(out, stage, train, cfg, out, args.resume, progress)
     if args.export:
         path = export(cfg, out, Path(args.export))
         print(f"exported to {path}")

@@ -107,15 +107,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def launch_local(demo) -> str:
+    """Launch a Gradio demo in-process on a free localhost port (the app's launch settings);
+    returns its URL. The caller closes it."""
+    import app
+
+    port = free_port()
+    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True,
+                **app.LAUNCH_KWARGS)
+    return f"http://127.0.0.1:{port}/"
+
+
 @pytest.fixture(scope="module")
 def app_url():
     """The Studio launched in-process on a free localhost port, closed after the module."""
     import app
 
-    port = free_port()
-    app.demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True,
-                    **app.LAUNCH_KWARGS)
+    url = launch_local(app.demo)
     try:
-        yield f"http://127.0.0.1:{port}/"
+        yield url
     finally:
         app.demo.close()

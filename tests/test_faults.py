@@ -21,7 +21,7 @@ from packforcing import safety, studio
 from packforcing.__main__ import main
 from packforcing.pipeline import Pipeline
 from packforcing.trace import load_tables
-from tests.conftest import free_port
+from tests.conftest import launch_local
 from tests.test_bad_inputs import one_thread, small_pipeline  # noqa: F401 (one_thread: autouse fixture)
 
 PROMPT = "a red circle bouncing over a navy background"
@@ -177,11 +177,9 @@ def served(pipe, tmp_path_factory):
     register = studio.RUNS.register
     mp.setattr(studio.RUNS, "register", lambda key, run: (workers.append(run), register(key, run))[1])
     demo = app.build_demo()
-    port = free_port()
-    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True,
-                **app.LAUNCH_KWARGS)
+    url = launch_local(demo)
     try:
-        yield f"http://127.0.0.1:{port}/", workers
+        yield url, workers
     finally:
         demo.close()
         mp.undo()

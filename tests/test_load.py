@@ -14,7 +14,7 @@ from pathlib import Path
 import imageio_ffmpeg
 import pytest
 
-from tests.conftest import free_port
+from tests.conftest import launch_local
 
 from packforcing import safety, studio
 from packforcing.pipeline import to_uint8
@@ -74,11 +74,9 @@ def served(pipe, tmp_path, monkeypatch):
     monkeypatch.setattr(studio, "device_stream", meter)
     studio._RUN_LOCK.reset_peak()
     demo = app.build_demo()
-    port = free_port()
-    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True,
-                **app.LAUNCH_KWARGS)
+    url = launch_local(demo)
     try:
-        yield f"http://127.0.0.1:{port}/", meter
+        yield url, meter
     finally:
         demo.close()
 

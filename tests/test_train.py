@@ -233,3 +233,15 @@ def test_average_interpolates_two_transformer_checkpoints(tmp_path):
         average_transformers(tmp_path / "out", [str(paths[0]), str(tmp_path / "c.safetensors")], 0.5)
     with pytest.raises(ValueError, match="average-weight"):
         average_transformers(tmp_path / "out", [str(p) for p in paths], 1.5)
+
+
+def test_cli_runs_a_stage_and_resume_skips_nothing_done(tmp_path):
+    from packforcing.train import main
+
+    args = ["vae", "--out", str(tmp_path), "--vae-steps", "2", "--vae-base-dim", "2", "--vae-crop", "16",
+            "--vae-frames", "5", "--vae-batch", "1", "--no-progress"]
+    assert main(args) == 0
+    log = tmp_path / "vae" / "log.csv"
+    assert log.read_text().count("\n") == 3  # header + 2 steps
+    assert main(["vae", "--out", str(tmp_path), "--resume", "--no-progress"]) == 0  # finished: no new steps
+    assert log.read_text().count("\n") == 3
