@@ -155,3 +155,56 @@ def test_background_drift_is_slow_and_bounded():
     base = np.array(BACKGROUNDS["dark grey"])
     assert 0 < np.abs(bg - base).max() <= 6 + 1e-9
     assert np.abs(np.diff(bg, axis=0)).max() < 0.25
+
+
+# -- world specs ---------------------------------------------------------------------------------
+def test_v1_is_the_default_world():
+    from packforcing.world import WORLD_V1
+
+    for seed in range(20):
+        assert Scene.sample(seed) == Scene.sample(seed, world=WORLD_V1) == Scene.sample(seed, world="v1")
+
+
+def test_v2_scenes_stay_in_their_spec_and_are_balanced():
+    from collections import Counter
+
+    from packforcing.world import WORLD_V2
+
+    scenes = [Scene.sample(seed, world="v2") for seed in range(1200)]
+    counts = Counter(len(s.objects) for s in scenes)
+    assert set(counts) == {1, 2} and abs(counts[1] - counts[2]) < 120
+    backgrounds = Counter(s.background for s in scenes)
+    assert set(backgrounds) == set(WORLD_V2.backgrounds) and min(backgrounds.values()) > 240
+    shapes = Counter(o.shape for s in scenes for o in s.objects)
+    assert set(shapes) == set(WORLD_V2.shapes) and min(shapes.values()) > 520
+    colours = Counter(o.colour for s in scenes for o in s.objects)
+    assert set(colours) == set(WORLD_V2.colours)
+    lo, hi = WORLD_V2.area_range
+    for s in scenes:
+        assert all(lo - 1e-9 <= o.area <= hi + 1e-9 for o in s.objects)
+
+
+def test_v2_object_area_is_a_fraction_of_the_rendered_frame():
+    from packforcing.world import WORLD_V2
+
+    for seed in range(10):
+        scene = Scene.sample(seed, num_objects=1, background="black", world="v2")
+        frame = scene.render(1, WORLD_V2.height, WORLD_V2.width)[0]
+        painted = (frame.astype(int).sum(-1) > 60).mean()
+        assert painted == pytest.approx(scene.objects[0].area, abs=0.02)
+
+
+def test_make_clip_uses_the_world_size():
+    frames, caption, scene = make_clip(3, num_frames=5, world="v2")
+    assert frames.shape == (5, 64, 64, 3) and caption == scene.caption()
+
+
+def test_unknown_world_and_bad_spec_are_refused():
+    from packforcing.world import WorldSpec
+
+    with pytest.raises(ValueError, match="unknown tiny world"):
+        Scene.sample(0, world="v9")
+    with pytest.raises(ValueError, match="unknown or no colours"):
+        WorldSpec("x", ("pink",), ("black",), ("circle",), 1, size_range=(0.1, 0.2))
+    with pytest.raises(ValueError, match="exactly one"):
+        WorldSpec("x", ("red",), ("black",), ("circle",), 1)

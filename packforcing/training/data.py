@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..world import Scene, format_caption, make_clip, vocabulary
+from ..world import Scene, format_caption, make_clip, vocabulary, world_spec
 
 # Held-out evaluation prompts: never used as a training caption (every word is in the vocabulary).
 HELDOUT_PROMPTS = (
@@ -84,15 +84,18 @@ def build_text_encoder(text_dim: int = 64, max_length: int = 24, seed: int = 0, 
 
 
 # -- VAE batches ------------------------------------------------------------------------------------
-def vae_batch(rng: np.random.Generator, batch: int, frames: int, crop: int, size: int = 128,
-              fps: float = 16) -> torch.Tensor:
+def vae_batch(rng: np.random.Generator, batch: int, frames: int, crop: int, size: int | None = None,
+              fps: float = 16, world="v1") -> torch.Tensor:
     """Random short clips for VAE training: [B, 3, frames, crop, crop] in [-1, 1].
 
-    Each item: a random scene (`Scene.sample`), rendered from a random start time, randomly cropped.
+    Each item: a random scene of `world` (`Scene.sample`), rendered at `size` (default: the world's)
+    from a random start time, randomly cropped.
     """
+    world = world_spec(world)
+    size = size or world.height
     out = []
     for _ in range(batch):
-        scene = Scene.sample(rng)
+        scene = Scene.sample(rng, world=world)
         start = int(rng.integers(0, 2000))
         clip = scene.render(frames, size, size, fps, start=start)
         y, x = (int(v) for v in rng.integers(0, size - crop + 1, size=2))

@@ -87,6 +87,7 @@ class VAEStageConfig:
     object_weight: float = 0.0  # extra weight on pixels far (> 32 levels) from the frame's background
     seed: int = 0
     data_steps: int | None = None  # cycle over this many fixed batches (tests); None = fresh data
+    world: str = "v1"  # which tiny world the clips come from (packforcing.world.spec)
 
 
 def latent_colour(x: torch.Tensor, latent_w: int) -> torch.Tensor:
@@ -129,7 +130,7 @@ class VAEStage:
             frames = c.long_frames
         if c.longer_frames and step >= c.longer_from:
             frames, batch = c.longer_frames, c.longer_batch
-        x = vae_batch(rng, batch, frames, c.crop)
+        x = vae_batch(rng, batch, frames, c.crop, world=c.world)
         with torch.set_grad_enabled(c.train_encoder):
             mean = self.vae.encode(x).latent_dist.mean
         z = mean + c.latent_noise * torch.randn(mean.shape, generator=gen)

@@ -18,11 +18,12 @@ import numpy as np
 
 from .captions import format_caption, parse_caption
 from .palette import BACKGROUNDS, COLOURS, SHAPES, colours_for, contrasts
+from .spec import WORLD_V1, WorldSpec, world_spec
 
 _S3 = math.sqrt(3.0) / 2.0
 # Shape area in units of (size * min(H, W))^2; larger objects are drawn first.
 SHAPE_AREA = {"circle": math.pi, "square": 4 * 0.8**2, "triangle": 3 * math.sqrt(3) / 4 * 1.2**2}
-SIZE_RANGE = (0.08, 0.16)  # object size, fraction of min(H, W)
+SIZE_RANGE = WORLD_V1.size_range  # object size of the v1 world, fraction of min(H, W)
 AREA_RATIO = 1.5  # minimum area ratio between the objects of a sampled scene
 SPEED_RANGE = (0.15, 0.45)  # frame fractions per second
 DRIFT_RANGE = (2.0, 6.0)  # background brightness drift amplitude, RGB units
@@ -75,20 +76,26 @@ def _bounce(p0: float, v: float, lo: float, hi: float, t: np.ndarray) -> np.ndar
     return lo + np.where(q <= span, q, 2 * span - q)
 
 
-def _sample_sizes(rng: np.random.Generator, shapes: list[str]) -> list[float]:
+def _sample_sizes(rng: np.random.Generator, shapes: list[str], world: WorldSpec = WORLD_V1) -> list[float]:
     """Sizes whose shape areas differ pairwise by >= AREA_RATIO (rejection sampling), so the
-    smaller object, drawn on top, can never hide a larger one."""
+    smaller object, drawn on top, can never hide a larger one. Sizes are uniform in
+    ``world.size_range``, or areas uniform in ``world.area_range`` (fractions of a square frame)."""
     for _ in range(1000):
-        sizes = rng.uniform(*SIZE_RANGE, size=len(shapes))
+        if world.area_range is not None:
+            fractions = rng.uniform(*world.area_range, size=len(shapes))
+            sizes = np.sqrt(fractions / np.array([SHAPE_AREA[s] for s in shapes]))
+        else:
+            sizes = rng.uniform(*world.size_range, size=len(shapes))
         areas = np.sort([SHAPE_AREA[s] * z**2 for s, z in zip(shapes, sizes)])
         if np.all(areas[1:] >= AREA_RATIO * areas[:-1]):
             break
     return [float(z) for z in sizes]
 
 
-def _sample_objects(rng: np.random.Generator, pairs: list[tuple[str, str]]) -> tuple[SceneObject, ...]:
+def _sample_objects(rng: np.random.Generator, pairs: list[tuple[str, str]],
+                    world: WorldSpec = WORLD_V1) -> tuple[SceneObject, ...]:
     """Objects with the given (colour, shape) pairs; size, position and velocity from rng."""
-    sizes = _sample_sizes(rng, [s for _, s in pairs])
+    sizes = _sample_sizes(rng, [s for _, s in pairs], world)
     objects = []
     for (colour, shape), size in zip(pairs, sizes):
         x, y = rng.uniform(0, 1, size=2)
@@ -129,16 +136,18 @@ class Scene:
     # ----------------------------------------------------------------- construction
     @classmethod
     def sample(cls, rng=None, num_objects: int | None = None, background: str | None = None,
-               drift: bool | None = None) -> "Scene":
-        """Random scene from `rng` (a Generator or an int seed). Object colours are distinct;
+               drift: bool | None = None, world: WorldSpec | str = WORLD_V1) -> "Scene":
+        """Random scene of `world` from `rng` (a Generator or an int seed). Background, object
+        count (1..world.max_objects), colours (distinct) and shapes are each uniform;
         drift=None draws a drifting background with probability 1/2."""
-        rng = _rng(rng)
+        rng, world = _rng(rng), world_spec(world)
         if background is None:
-            background = str(rng.choice(list(BACKGROUNDS)))
-        n = int(num_objects) if num_objects is not None else int(rng.integers(1, 4))
-        colours = [str(c) for c in rng.choice(colours_for(background), size=n, replace=False)]
-        shapes = [str(s) for s in rng.choice(list(SHAPES), size=n)]
-        objects = _sample_objects(rng, list(zip(colours, shapes)))
+            background = str(rng.choice(list(world.backgrounds)))
+        n = int(num_objects) if num_objects is not None else int(rng.integers(1, world.max_objects + 1))
+        allowed = [c for c in colours_for(background) if c in world.colours]
+        colours = [str(c) for c in rng.choice(allowed, size=n, replace=False)]
+        shapes = [str(s) for s in rng.choice(list(world.shapes), size=n)]
+        objects = _sample_objects(rng, list(zip(colours, shapes)), world)
         amp, period = float(rng.uniform(*DRIFT_RANGE)), float(rng.uniform(*PERIOD_RANGE))
         phase = float(rng.uniform(0, 2 * math.pi))
         if drift is None:
@@ -146,15 +155,16 @@ class Scene:
         return cls(background, objects, amp if drift else 0.0, period, phase)
 
     @classmethod
-    def from_caption(cls, caption: str, seed=0) -> "Scene":
-        """Scene with the colours, shapes and background named in `caption`; sizes, positions
-        and velocities (and the background, if not named) come from `seed`. No drift."""
+    def from_caption(cls, caption: str, seed=0, world: WorldSpec | str = WORLD_V1) -> "Scene":
+        """Scene with the colours, shapes and background named in `caption`; sizes (those of
+        `world`), positions and velocities (and the background, if not named) come from `seed`.
+        No drift."""
         pairs, background = parse_caption(caption)
-        rng = _rng(seed)
+        rng, world = _rng(seed), world_spec(world)
         if background is None:
-            ok = [b for b in BACKGROUNDS if all(contrasts(c, b) for c, _ in pairs)]
+            ok = [b for b in world.backgrounds if all(contrasts(c, b) for c, _ in pairs)]
             background = str(rng.choice(ok))
-        return cls(background, _sample_objects(rng, pairs))
+        return cls(background, _sample_objects(rng, pairs, world))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -227,9 +237,11 @@ def _signed_distance(shape: str, dx: np.ndarray, dy: np.ndarray, r: float) -> np
     return np.maximum(dy - r / 2, side)
 
 
-def make_clip(seed: int, num_frames: int = 77, height: int = 128, width: int = 128,
-              fps: float = 16) -> tuple[np.ndarray, str, Scene]:
-    """Training clip for `seed`: (frames uint8 [T, H, W, 3], caption, scene). 77 = 4*20-3
-    pixel frames, i.e. 20 latent frames, about 5 s at 16 fps. Same seed -> same clip."""
-    scene = Scene.sample(seed)
-    return scene.render(num_frames, height, width, fps), scene.caption(), scene
+def make_clip(seed: int, num_frames: int = 77, height: int | None = None, width: int | None = None,
+              fps: float = 16, world: WorldSpec | str = WORLD_V1) -> tuple[np.ndarray, str, Scene]:
+    """Training clip of `world` for `seed`: (frames uint8 [T, H, W, 3], caption, scene). 77 = 4*20-3
+    pixel frames, i.e. 20 latent frames, about 5 s at 16 fps; H, W default to the world's size.
+    Same seed -> same clip."""
+    world = world_spec(world)
+    scene = Scene.sample(seed, world=world)
+    return scene.render(num_frames, height or world.height, width or world.width, fps), scene.caption(), scene
