@@ -5,6 +5,9 @@ Phases (each resumable, each lands weights without optimizer state in ``OUT/<pha
     vae          AutoencoderKLWan (real architecture, base_dim 16) on full 64x64 frames of random
                  v2 scenes, 9 -> 17 -> 25-frame clips (the causal caches' steady state must decode
                  right), colour- and object-weighted loss, colour anchor.
+    transformer  flow matching on an on-the-fly pool of encoded clips (`training.v2.ClipPool`):
+                 teacher-forced 5-block clips + extra text-only first blocks, the text encoder
+                 trained with it, caption dropout (for guidance), weight EMA.
 
 Every random draw of a step comes from ``(seed, step)``, so ``--resume`` continues bit-identically
 (`packforcing.training.loop`). Data are generated on the fly: no fixed clip set. The first v2
@@ -22,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-PHASES = ("vae",)
+PHASES = ("vae", "transformer")
 
 
 @dataclass
@@ -38,7 +41,32 @@ class V2Config:
     vae_long_from: int = 400  # 17-frame clips (batch 4) from this step
     vae_longer_from: int = 900  # 25-frame clips (batch 2) from this step
     vae_object_weight: float = 2.0
+    vae_stat_clips: int = 48  # clips whose latents set the VAE's latents_mean / latents_std
+    # text (word-level tokenizer, 2-layer UMT5, trained with the transformer)
+    text_dim: int = 64
+    text_length: int = 16
+    # transformer (64x64 px -> 8x8 latents -> 4x4 = 16 tokens per latent frame)
+    dim: int = 256
+    heads: int = 4
+    layers: int = 4
+    ffn: int = 1024
+    transformer_steps: int = 3000
+    transformer_lr: float = 5e-4
+    pool_slots: int = 64
+    clip_batch: int = 1
+    first_batch: int = 8
+    p_uncond: float = 0.1
+    ema: float = 0.999
+    # sampler stored with the model: Euler steps, warped with this shift
+    sample_steps: str = "1000,875,750,625,500,375,250,125"
+    sample_shift: float = 3.0
+    bf16: bool = True
     checkpoint_every: int = 25
+
+    def inference_timesteps(self) -> list[float]:
+        from .sampler import warp_timesteps
+
+        return warp_timesteps([int(s) for s in self.sample_steps.split(",")], self.sample_shift)
 
     @classmethod
     def from_dict(cls, d: dict) -> "V2Config":
@@ -72,6 +100,56 @@ def train_vae(cfg: V2Config, out: Path, resume: bool, progress: bool = True) -> 
     return run_stage(stage, out / "vae", loop, resume)
 
 
+def final_vae(cfg: V2Config, out: Path, device: str = "cpu"):
+    """The trained VAE with the latent statistics of `vae_stat_clips` training clips in its config
+    (written once to ``OUT/vae_final``, diffusers layout)."""
+    from diffusers import AutoencoderKLWan
+
+    from .training.loop import CHECKPOINT, load_checkpoint
+    from .training.v2 import latent_statistics
+
+    path = out / "vae_final"
+    if not (path / "config.json").exists():
+        vae = build_vae(cfg)
+        load_checkpoint(out / "vae" / CHECKPOINT, {"vae": vae}, None)
+        mean, std = latent_statistics(vae.eval(), cfg.vae_stat_clips, world=cfg.world, seed=cfg.seed)
+        vae.register_to_config(latents_mean=[float(v) for v in mean], latents_std=[float(v) for v in std])
+        vae.save_pretrained(path, safe_serialization=True)
+    return AutoencoderKLWan.from_pretrained(path).to(device).eval().requires_grad_(False)
+
+
+def build_transformer(cfg: V2Config):
+    from .configs import TINY
+    from .model import CausalWanTransformer
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed + 1)
+        return CausalWanTransformer(**dict(TINY, num_attention_heads=cfg.heads, attention_head_dim=cfg.dim // cfg.heads,
+                                           ffn_dim=cfg.ffn, num_layers=cfg.layers, text_dim=cfg.text_dim))
+
+
+def build_text(cfg: V2Config):
+    from .training.data import build_text_encoder
+
+    return build_text_encoder(cfg.text_dim, cfg.text_length, seed=cfg.seed)
+
+
+def train_transformer(cfg: V2Config, out: Path, resume: bool, progress: bool = True, device: str = "cpu",
+                      stop_at: int | None = None):
+    from .training.loop import LoopConfig, run_stage
+    from .training.v2 import ClipPool, TransformerV2Config, TransformerV2Stage
+
+    vae = final_vae(cfg, out, device)
+    pool = ClipPool(vae, cfg.pool_slots, world=cfg.world, seed=cfg.seed, device=device)
+    text = build_text(cfg).to(device)
+    stage = TransformerV2Stage(build_transformer(cfg).to(device), text, pool, TransformerV2Config(
+        shift=cfg.sample_shift, inference_steps=tuple(cfg.inference_timesteps()), clip_batch=cfg.clip_batch,
+        first_batch=cfg.first_batch, p_uncond=cfg.p_uncond, ema=cfg.ema, bf16=cfg.bf16, seed=cfg.seed))
+    loop = LoopConfig(cfg.transformer_steps, cfg.transformer_lr, warmup=50, checkpoint_every=cfg.checkpoint_every,
+                      progress=progress, desc="transformer", stop_at=stop_at)
+    return run_stage(stage, out / "transformer", loop, resume)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m packforcing.train_v2", description=__doc__.split("\n\n")[0])
     p.add_argument("phase", choices=PHASES)
@@ -79,7 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (the same phases, same recipe)")
     for f in dataclasses.fields(V2Config):
+        if str(f.type) == "bool":
+            p.add_argument("--" + f.name.replace("_", "-"), type=lambda v: v.lower() in ("1", "true", "yes"),
+                           default=None)
+            continue
         kind = {"int": int, "float": float, "str": str}.get(str(f.type), type(f.default))
         p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None)
     return p
@@ -96,8 +179,10 @@ def main(argv=None) -> int:
     cfg = dataclasses.replace(cfg, **overrides)
     out.mkdir(parents=True, exist_ok=True)
     stored.write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-    trainers = {"vae": train_vae}
-    trainers[args.phase](cfg, out, args.resume, not args.no_progress)
+    if args.phase == "vae":
+        train_vae(cfg, out, args.resume, not args.no_progress)
+    else:
+        train_transformer(cfg, out, args.resume, not args.no_progress, args.device)
     return 0
 
 

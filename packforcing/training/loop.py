@@ -1,7 +1,8 @@
 """Generic training loop: deterministic per-step randomness, resumable safetensors checkpoints.
 
 A *stage* (VAE, transformer, compressor; see `stages.py`) exposes its trainable modules and a
-``loss(step)`` method. Every random draw of a step comes from generators seeded by
+``loss(step)`` method (and optionally ``after_step(step)``, run after each optimizer step; modules
+without trainable parameters, such as EMA copies, are checkpointed but not optimised). Every random draw of a step comes from generators seeded by
 ``(seed, step)`` (`step_rng`), so a run resumed from a checkpoint continues bit-identically: the
 checkpoint holds the trainable weights, the AdamW state (tensors in safetensors, hyper-parameters
 as JSON metadata) and the step counter; the learning rate is a pure function of the step.
@@ -46,10 +47,16 @@ def lr_at(step: int, total: int, lr: float, warmup: int, final_frac: float = 0.1
 
 # -- checkpoints ----------------------------------------------------------------------------------
 def _module_tensors(modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
-    out = {}
+    """Every module's state dict under ``model.<name>.``; tied weights (e.g. UMT5's shared input
+    embedding) are stored as separate copies, as safetensors requires."""
+    out, seen = {}, set()
     for name, module in modules.items():
         for key, value in module.state_dict().items():
-            out[f"model.{name}.{key}"] = value.detach().cpu().contiguous()
+            value = value.detach().cpu().contiguous()
+            if value.data_ptr() in seen:
+                value = value.clone()
+            seen.add(value.data_ptr())
+            out[f"model.{name}.{key}"] = value
     return out
 
 
@@ -157,6 +164,8 @@ def run_stage(stage, out_dir: str | os.PathLike, cfg: LoopConfig, resume: bool =
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if hasattr(stage, "after_step"):  # e.g. an EMA update
+                stage.after_step(step)
             value = float(loss.detach())
             losses.append(value)
             seconds = time.perf_counter() - tic

@@ -1,0 +1,223 @@
+"""Training pieces of the second tiny world (`WORLD_V2`): held-out captions, an on-the-fly clip pool,
+and the transformer stage (teacher forcing + text-only first blocks, caption dropout, weight EMA).
+
+* `ClipPool`: ``slots`` encoded 5-second clips; at step s slot ``s % slots`` is replaced by a fresh
+  random scene, so every clip is used a few times and then never again. The content at any step is
+  a pure function of (seed, step): a resumed run rebuilds exactly the pool it left.
+* `TransformerV2Stage`: per step, ``clip_batch`` clips in the teacher-forced block-causal layout of
+  `stages.TransformerStage` (context noise, sink gaps, dropped first block) plus ``first_batch``
+  extra *first blocks* (block 0 sees only the text: it carries all of the caption's signal, and it
+  costs 1/9 of a teacher-forced clip). The text encoder is trained with the transformer; with
+  probability ``p_uncond`` a caption is replaced by the empty embedding (all zeros, what
+  `SamplerConfig(guidance_scale=...)` uses as its unconditional input). EMA copies of both are kept.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..world import Scene, parse_caption, world_spec
+from .data import to_pixels
+from .loop import step_rng
+from .stages import sample_timesteps, teacher_forcing_layout
+
+# Held-out evaluation captions of the v2 world: never a training caption, in any object order.
+HELDOUT_V2 = (
+    "a red circle bouncing over a navy background",
+    "a yellow square and a blue circle bouncing over a black background",
+    "a green triangle and a red square bouncing over a white background",
+    "a white circle and a yellow triangle bouncing over a dark grey background",
+    "a blue square bouncing over a white background",
+    "a green circle and a white square bouncing over a navy background",
+)
+EVAL_SEED_BASE_V2 = 1_000_000  # evaluation scenes use seeds >= this; training draws never do
+
+
+def caption_key(caption: str) -> tuple[frozenset, str | None]:
+    """Order-free identity of a caption: ({(colour, shape), ...}, background)."""
+    objects, background = parse_caption(caption)
+    return frozenset(objects), background
+
+
+_HELDOUT_KEYS = {caption_key(c) for c in HELDOUT_V2}
+
+
+def is_heldout(caption: str) -> bool:
+    return caption_key(caption) in _HELDOUT_KEYS
+
+
+def training_scene(rng: np.random.Generator, world="v2") -> Scene:
+    """A random scene of `world` whose caption is not held out (re-drawn until it is not)."""
+    while True:
+        scene = Scene.sample(rng, world=world)
+        if not is_heldout(scene.caption()):
+            return scene
+
+
+# -- clip pool ----------------------------------------------------------------------------------------
+class ClipPool:
+    """Encoded clips [slots, C, F, h, w] (normalised latents) and their captions, refreshed one slot
+    per step. `vae`: an `AutoencoderKLWan` whose config holds the latent statistics."""
+
+    def __init__(self, vae, slots: int = 64, clip_frames: int = 77, world="v2", seed: int = 0,
+                 device: str | torch.device = "cpu"):
+        self.vae, self.slots, self.clip_frames, self.seed = vae, int(slots), int(clip_frames), int(seed)
+        self.world, self.device = world_spec(world), torch.device(device)
+        cfg = vae.config
+        view = (1, -1, 1, 1, 1)
+        self.mean = torch.tensor(cfg.latents_mean).view(view).to(self.device)
+        self.std = torch.tensor(cfg.latents_std).view(view).to(self.device)
+        self.latents: torch.Tensor | None = None
+        self.captions: list[str] = [""] * self.slots
+        self.step: int | None = None
+
+    def refresh_index(self, slot: int, step: int) -> int:
+        """The refresh that filled `slot` at `step`: largest r <= step with r % slots == slot, or the
+        initial fill slot - slots (< 0)."""
+        r = step - ((step - slot) % self.slots)
+        return r
+
+    @torch.no_grad()
+    def _encode(self, refresh: int) -> tuple[torch.Tensor, str]:
+        rng = np.random.default_rng([self.seed, 7, refresh + self.slots])
+        scene = training_scene(rng, self.world)
+        frames = scene.render(self.clip_frames, self.world.height, self.world.width)
+        pixels = to_pixels(frames)[None].to(self.device)
+        raw = self.vae.encode(pixels).latent_dist.mean
+        return ((raw - self.mean) / self.std)[0], scene.caption()
+
+    def at(self, step: int) -> "ClipPool":
+        """Bring the pool to its state at `step` (rebuilt in full on the first call or a jump)."""
+        if self.step is not None and step == self.step:
+            return self
+        if self.step is None or step != self.step + 1:
+            fills = [self._encode(self.refresh_index(j, step)) for j in range(self.slots)]
+            self.latents = torch.stack([f[0] for f in fills])
+            self.captions = [f[1] for f in fills]
+        else:
+            slot = step % self.slots
+            self.latents[slot], self.captions[slot] = self._encode(step)
+        self.step = step
+        return self
+
+
+def latent_statistics(vae, count: int = 48, clip_frames: int = 77, world="v2", seed: int = 0):
+    """Per-channel mean and std of the raw posterior means of `count` random training clips."""
+    world = world_spec(world)
+    raws = []
+    with torch.no_grad():
+        for k in range(count):
+            scene = training_scene(np.random.default_rng([seed, 11, k]), world)
+            pixels = to_pixels(scene.render(clip_frames, world.height, world.width))[None]
+            raws.append(vae.encode(pixels.to(vae.device)).latent_dist.mean.cpu())
+    raw = torch.cat(raws)
+    return raw.mean(dim=(0, 2, 3, 4)), raw.std(dim=(0, 2, 3, 4)).clamp_min(1e-4)
+
+
+# -- transformer --------------------------------------------------------------------------------------
+@dataclass
+class TransformerV2Config:
+    block_frames: int = 4
+    num_blocks: int = 5
+    shift: float = 3.0
+    inference_steps: tuple[float, ...] = (1000.0, 875.0, 750.0, 625.0)
+    p_inference: float = 0.5
+    context_noise: float = 0.1
+    p_gap: float = 0.5
+    max_gap: int = 40
+    sink_blocks: int = 2
+    p_drop_first: float = 0.2
+    clip_batch: int = 1  # teacher-forced clips per step
+    first_batch: int = 8  # extra text-only first blocks per step
+    p_uncond: float = 0.1  # caption dropout (classifier-free guidance)
+    ema: float = 0.999
+    bf16: bool = True
+    seed: int = 0
+
+
+class TransformerV2Stage:
+    def __init__(self, model, text_encoder, pool: ClipPool, cfg: TransformerV2Config):
+        """`text_encoder`: a `TinyTextEncoder` (its UMT5 model is trained too)."""
+        self.model, self.text, self.pool, self.cfg = model, text_encoder, pool, cfg
+        self.device = pool.device
+        self.ema_model = copy.deepcopy(model).requires_grad_(False)
+        self.ema_text = copy.deepcopy(text_encoder.model).requires_grad_(False)
+        self._ids: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def trainable(self) -> dict[str, nn.Module]:
+        return {"transformer": self.model, "text": self.text.model,
+                "ema_transformer": self.ema_model, "ema_text": self.ema_text}
+
+    def embed(self, captions: list[str], drop: torch.Tensor) -> torch.Tensor:
+        """Text embeddings [B, L, D] with gradients; rows where `drop` is True are all zeros."""
+        for c in captions:
+            if c not in self._ids:
+                self._ids[c] = self.text.tokenize(c)
+        ids = torch.cat([self._ids[c][0] for c in captions]).to(self.device)
+        mask = torch.cat([self._ids[c][1] for c in captions]).to(self.device)
+        emb = self.text.model(input_ids=ids, attention_mask=mask).last_hidden_state.float()
+        keep = (mask[..., None] > 0) & ~drop.to(self.device)[:, None, None]
+        return emb * keep
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16)
+
+    def loss(self, step: int) -> torch.Tensor:
+        c, b, n = self.cfg, self.cfg.block_frames, self.cfg.num_blocks
+        gen, rng = step_rng(c.seed, step, salt=4)
+        pool = self.pool.at(step)
+        picks = rng.integers(pool.slots, size=c.clip_batch + c.first_batch)
+        captions = [pool.captions[i] for i in picks]
+        drop = torch.rand(len(picks), generator=gen) < c.p_uncond
+        text = self.embed(captions, drop)
+        losses = []
+        if c.clip_batch:  # teacher-forced clips (one gap / drop draw shared by the batch)
+            x0 = pool.latents[picks[: c.clip_batch], :, : n * b].float()
+            gap = int(rng.integers(1, c.max_gap + 1)) if rng.random() < c.p_gap else 0
+            mask, positions = teacher_forcing_layout(n, b, gap, c.sink_blocks, bool(rng.random() < c.p_drop_first))
+            t = sample_timesteps(n * c.clip_batch, gen, c.shift, list(c.inference_steps), c.p_inference)
+            t = t.view(c.clip_batch, n)
+            eps = torch.randn(x0.shape, generator=gen).to(self.device)
+            t_frame = t.repeat_interleave(b, dim=1).to(self.device)  # [B, F]
+            sigma = (t_frame / 1000.0)[:, None, :, None, None]
+            x_t, target = (1 - sigma) * x0 + sigma * eps, eps - x0
+            clean = x0[:, :, : (n - 1) * b]
+            ctx_sigma = torch.rand(c.clip_batch, generator=gen).mul(c.context_noise).to(self.device)
+            clean = clean + ctx_sigma[:, None, None, None, None] * torch.randn(clean.shape, generator=gen).to(self.device)
+            seq = torch.cat([clean, x_t], dim=2)
+            timestep = torch.cat([torch.zeros(c.clip_batch, clean.shape[2], device=self.device), t_frame], dim=1)
+            with self._autocast():
+                out = self.model.forward_sequence(seq, timestep, text[: c.clip_batch], positions.to(self.device),
+                                                  mask.to(self.device))
+            losses.append((out[:, :, clean.shape[2]:].float() - target).pow(2).mean())
+        if c.first_batch:  # text-only first blocks
+            x0 = pool.latents[picks[c.clip_batch:], :, :b].float()
+            t = sample_timesteps(c.first_batch, gen, c.shift, list(c.inference_steps), c.p_inference)
+            x_t, target, _ = _noise_first_blocks(x0, t, gen, self.device)
+            with self._autocast():
+                out = self.model.forward_sequence(x_t, t.to(self.device)[:, None].expand(-1, b), text[c.clip_batch:])
+            losses.append((out.float() - target).pow(2).mean())
+        return torch.stack(losses).mean()
+
+    @torch.no_grad()
+    def after_step(self, step: int) -> None:
+        """EMA update of the transformer and the text encoder."""
+        for ema, live in ((self.ema_model, self.model), (self.ema_text, self.text.model)):
+            for e, p in zip(ema.parameters(), live.parameters()):
+                e.lerp_(p.detach(), 1 - self.cfg.ema)
+
+
+def _noise_first_blocks(x0: torch.Tensor, t: torch.Tensor, gen: torch.Generator, device):
+    """Flow-matching noising with one timestep per item: x0 [B,C,F,h,w], t [B]."""
+    eps = torch.randn(x0.shape, generator=gen).to(device)
+    sigma = (t.to(device) / 1000.0).view(-1, 1, 1, 1, 1)
+    return (1 - sigma) * x0 + sigma * eps, eps - x0, t
+
+
+__all__ = ["ClipPool", "EVAL_SEED_BASE_V2", "HELDOUT_V2", "TransformerV2Config", "TransformerV2Stage",
+           "caption_key", "is_heldout", "latent_statistics", "training_scene"]

@@ -1,0 +1,94 @@
+"""The v2 tiny-world recipe: held-out captions, the on-the-fly clip pool, the transformer stage
+(resumable bit for bit, EMA, caption dropout) at toy size."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from packforcing import train_v2
+from packforcing.training.v2 import HELDOUT_V2, ClipPool, caption_key, is_heldout, training_scene
+from packforcing.world import parse_caption, world_spec
+
+TOY = train_v2.V2Config(vae_base_dim=4, vae_steps=2, vae_stat_clips=2, dim=32, heads=2, layers=1, ffn=64,
+                        text_dim=16, transformer_steps=6, pool_slots=3, first_batch=2, checkpoint_every=3,
+                        bf16=False)
+
+
+@pytest.fixture(scope="module")
+def toy_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("v2")
+    train_v2.train_vae(TOY, out, resume=False, progress=False)
+    return out
+
+
+def test_heldout_captions_are_valid_v2_captions_and_never_drawn_for_training():
+    spec = world_spec("v2")
+    for caption in HELDOUT_V2:
+        objects, background = parse_caption(caption)
+        assert background in spec.backgrounds and 1 <= len(objects) <= spec.max_objects
+        assert all(c in spec.colours and s in spec.shapes for c, s in objects)
+    swapped = "a blue circle and a yellow square bouncing over a black background"
+    assert is_heldout(swapped) and caption_key(swapped) == caption_key(HELDOUT_V2[1])
+    rng = np.random.default_rng(0)
+    drawn = {training_scene(rng).caption() for _ in range(3000)}
+    assert not any(is_heldout(c) for c in drawn) and len(drawn) > 200
+
+
+def test_clip_pool_state_is_a_function_of_the_step(toy_run):
+    vae = train_v2.final_vae(TOY, toy_run)
+    walked = ClipPool(vae, slots=3, seed=5)
+    for step in range(5):
+        walked.at(step)
+    fresh = ClipPool(vae, slots=3, seed=5).at(4)
+    assert walked.captions == fresh.captions
+    assert torch.equal(walked.latents, fresh.latents)
+    assert walked.latents.shape == (3, 16, 20, 8, 8)
+    before = list(walked.captions)
+    walked.at(5)  # refreshes slot 5 % 3 = 2 only
+    assert walked.captions[:2] == before[:2]
+
+
+def test_transformer_phase_resumes_bit_for_bit_and_keeps_an_ema(toy_run, tmp_path):
+    import shutil
+
+    for name in ("a", "b"):
+        shutil.copytree(toy_run, tmp_path / name)
+    straight = train_v2.train_transformer(TOY, tmp_path / "a", resume=False, progress=False)
+    # run b stops after 3 steps (as an interrupted run would) and is resumed to 6
+    train_v2.train_transformer(TOY, tmp_path / "b", resume=False, progress=False, stop_at=3)
+    rest = train_v2.train_transformer(TOY, tmp_path / "b", resume=True, progress=False)
+    assert len(straight) == 6 and len(rest) == 3 and straight[3:] == rest
+    a = load_file(str(tmp_path / "a" / "transformer" / "checkpoint.safetensors"))
+    b = load_file(str(tmp_path / "b" / "transformer" / "checkpoint.safetensors"))
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    live = {k[len("model.transformer."):]: v for k, v in a.items() if k.startswith("model.transformer.")}
+    ema = {k[len("model.ema_transformer."):]: v for k, v in a.items() if k.startswith("model.ema_transformer.")}
+    assert live.keys() == ema.keys()
+    assert any(not torch.equal(live[k], ema[k]) for k in live)  # EMA lags the live weights
+    assert any(k.startswith("model.text.") for k in a)  # the text encoder is trained too
+
+
+def test_caption_dropout_gives_the_all_zero_embedding(toy_run):
+    from packforcing.training.v2 import TransformerV2Config, TransformerV2Stage
+
+    vae = train_v2.final_vae(TOY, toy_run)
+    stage = TransformerV2Stage(train_v2.build_transformer(TOY), train_v2.build_text(TOY), ClipPool(vae, 3),
+                               TransformerV2Config())
+    captions = [HELDOUT_V2[0], HELDOUT_V2[1]]
+    emb = stage.embed(captions, torch.tensor([False, True]))
+    assert emb[0].abs().sum() > 0 and torch.count_nonzero(emb[1]) == 0
+    ids, mask = stage.text.tokenize(captions[0])
+    assert torch.count_nonzero(emb[0][mask[0] == 0]) == 0  # padding is exactly zero
+
+
+def test_transformer_loss_falls_on_toy_data(toy_run, tmp_path):
+    import shutil
+
+    shutil.copytree(toy_run, tmp_path / "run")
+    cfg = dataclasses.replace(TOY, transformer_steps=40, transformer_lr=2e-3, pool_slots=2)
+    losses = train_v2.train_transformer(cfg, tmp_path / "run", resume=False, progress=False)
+    assert np.mean(losses[-8:]) < 0.9 * np.mean(losses[:8])  # from ~2.5 towards the flow-matching floor
