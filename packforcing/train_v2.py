@@ -53,6 +53,7 @@ class V2Config:
     transformer_steps: int = 3000
     transformer_lr: float = 5e-4
     pool_slots: int = 64
+    pool_refresh_every: int = 2  # steps per fresh clip (one clip encode costs ~0.5-0.8 s on a core)
     clip_batch: int = 1
     first_batch: int = 8
     p_uncond: float = 0.1
@@ -140,7 +141,8 @@ def train_transformer(cfg: V2Config, out: Path, resume: bool, progress: bool = T
     from .training.v2 import ClipPool, TransformerV2Config, TransformerV2Stage
 
     vae = final_vae(cfg, out, device)
-    pool = ClipPool(vae, cfg.pool_slots, world=cfg.world, seed=cfg.seed, device=device)
+    pool = ClipPool(vae, cfg.pool_slots, world=cfg.world, seed=cfg.seed, device=device,
+                    refresh_every=cfg.pool_refresh_every)
     text = build_text(cfg).to(device)
     stage = TransformerV2Stage(build_transformer(cfg).to(device), text, pool, TransformerV2Config(
         shift=cfg.sample_shift, inference_steps=tuple(cfg.inference_timesteps()), clip_batch=cfg.clip_batch,

@@ -39,16 +39,17 @@ def test_heldout_captions_are_valid_v2_captions_and_never_drawn_for_training():
 
 def test_clip_pool_state_is_a_function_of_the_step(toy_run):
     vae = train_v2.final_vae(TOY, toy_run)
-    walked = ClipPool(vae, slots=3, seed=5)
-    for step in range(5):
+    walked = ClipPool(vae, slots=3, seed=5, refresh_every=2)
+    for step in range(10):
         walked.at(step)
-    fresh = ClipPool(vae, slots=3, seed=5).at(4)
+    fresh = ClipPool(vae, slots=3, seed=5, refresh_every=2).at(9)
     assert walked.captions == fresh.captions
     assert torch.equal(walked.latents, fresh.latents)
     assert walked.latents.shape == (3, 16, 20, 8, 8)
-    before = list(walked.captions)
-    walked.at(5)  # refreshes slot 5 % 3 = 2 only
-    assert walked.captions[:2] == before[:2]
+    before = list(walked.captions), walked.latents.clone()
+    walked.at(10)  # refresh 5 fills slot 5 % 3 = 2 only
+    assert walked.captions[:2] == before[0][:2] and torch.equal(walked.latents[:2], before[1][:2])
+    assert not torch.equal(walked.latents[2], before[1][2])
 
 
 def test_transformer_phase_resumes_bit_for_bit_and_keeps_an_ema(toy_run, tmp_path):

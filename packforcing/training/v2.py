@@ -1,8 +1,8 @@
 """Training pieces of the second tiny world (`WORLD_V2`): held-out captions, an on-the-fly clip pool,
 and the transformer stage (teacher forcing + text-only first blocks, caption dropout, weight EMA).
 
-* `ClipPool`: ``slots`` encoded 5-second clips; at step s slot ``s % slots`` is replaced by a fresh
-  random scene, so every clip is used a few times and then never again. The content at any step is
+* `ClipPool`: ``slots`` encoded 5-second clips; every ``refresh_every`` steps the next slot (round
+  robin) gets a fresh random scene, so every clip is used a few dozen times and then never again. The content at any step is
   a pure function of (seed, step): a resumed run rebuilds exactly the pool it left.
 * `TransformerV2Stage`: per step, ``clip_batch`` clips in the teacher-forced block-causal layout of
   `stages.TransformerStage` (context noise, sink gaps, dropped first block) plus ``first_batch``
@@ -61,26 +61,30 @@ def training_scene(rng: np.random.Generator, world="v2") -> Scene:
 
 # -- clip pool ----------------------------------------------------------------------------------------
 class ClipPool:
-    """Encoded clips [slots, C, F, h, w] (normalised latents) and their captions, refreshed one slot
-    per step. `vae`: an `AutoencoderKLWan` whose config holds the latent statistics."""
+    """Encoded clips [slots, C, F, h, w] (normalised latents) and their captions; every
+    `refresh_every` steps one slot (round robin) gets a fresh clip. `vae`: an `AutoencoderKLWan`
+    whose config holds the latent statistics (it is switched to the oneDNN convolution on the CPU)."""
 
     def __init__(self, vae, slots: int = 64, clip_frames: int = 77, world="v2", seed: int = 0,
-                 device: str | torch.device = "cpu"):
+                 device: str | torch.device = "cpu", refresh_every: int = 1):
+        from ..vae import use_onednn_conv3d
+
         self.vae, self.slots, self.clip_frames, self.seed = vae, int(slots), int(clip_frames), int(seed)
-        self.world, self.device = world_spec(world), torch.device(device)
+        self.world, self.device, self.refresh_every = world_spec(world), torch.device(device), int(refresh_every)
+        if self.device.type == "cpu":
+            use_onednn_conv3d(vae)
         cfg = vae.config
         view = (1, -1, 1, 1, 1)
         self.mean = torch.tensor(cfg.latents_mean).view(view).to(self.device)
         self.std = torch.tensor(cfg.latents_std).view(view).to(self.device)
         self.latents: torch.Tensor | None = None
         self.captions: list[str] = [""] * self.slots
-        self.step: int | None = None
+        self.refresh: int | None = None  # refreshes done so far (step // refresh_every)
 
-    def refresh_index(self, slot: int, step: int) -> int:
-        """The refresh that filled `slot` at `step`: largest r <= step with r % slots == slot, or the
-        initial fill slot - slots (< 0)."""
-        r = step - ((step - slot) % self.slots)
-        return r
+    def refresh_index(self, slot: int, refresh: int) -> int:
+        """The refresh that filled `slot` after `refresh` refreshes: the largest r <= refresh with
+        r % slots == slot, or the initial fill slot - slots (< 0)."""
+        return refresh - ((refresh - slot) % self.slots)
 
     @torch.no_grad()
     def _encode(self, refresh: int) -> tuple[torch.Tensor, str]:
@@ -93,16 +97,17 @@ class ClipPool:
 
     def at(self, step: int) -> "ClipPool":
         """Bring the pool to its state at `step` (rebuilt in full on the first call or a jump)."""
-        if self.step is not None and step == self.step:
+        refresh = step // self.refresh_every
+        if refresh == self.refresh:
             return self
-        if self.step is None or step != self.step + 1:
-            fills = [self._encode(self.refresh_index(j, step)) for j in range(self.slots)]
+        if self.refresh is None or refresh != self.refresh + 1:
+            fills = [self._encode(self.refresh_index(j, refresh)) for j in range(self.slots)]
             self.latents = torch.stack([f[0] for f in fills])
             self.captions = [f[1] for f in fills]
         else:
-            slot = step % self.slots
-            self.latents[slot], self.captions[slot] = self._encode(step)
-        self.step = step
+            slot = refresh % self.slots
+            self.latents[slot], self.captions[slot] = self._encode(refresh)
+        self.refresh = refresh
         return self
 
 
