@@ -58,6 +58,8 @@ class V2Config:
     first_batch: int = 8
     p_uncond: float = 0.1
     ema: float = 0.999
+    p_self_context: float = 0.5
+    self_context_from: int = 1200
     # sampler stored with the model: Euler steps, warped with this shift
     sample_steps: str = "1000,875,750,625,500,375,250,125"
     sample_shift: float = 3.0
@@ -146,7 +148,8 @@ def train_transformer(cfg: V2Config, out: Path, resume: bool, progress: bool = T
     text = build_text(cfg).to(device)
     stage = TransformerV2Stage(build_transformer(cfg).to(device), text, pool, TransformerV2Config(
         shift=cfg.sample_shift, inference_steps=tuple(cfg.inference_timesteps()), clip_batch=cfg.clip_batch,
-        first_batch=cfg.first_batch, p_uncond=cfg.p_uncond, ema=cfg.ema, bf16=cfg.bf16, seed=cfg.seed))
+        first_batch=cfg.first_batch, p_uncond=cfg.p_uncond, ema=cfg.ema, bf16=cfg.bf16, seed=cfg.seed,
+        p_self_context=cfg.p_self_context, self_context_from=cfg.self_context_from))
     loop = LoopConfig(cfg.transformer_steps, cfg.transformer_lr, warmup=50, checkpoint_every=cfg.checkpoint_every,
                       progress=progress, desc="transformer", stop_at=stop_at)
     return run_stage(stage, out / "transformer", loop, resume)

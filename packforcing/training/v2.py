@@ -10,6 +10,10 @@ and the transformer stage (teacher forcing + text-only first blocks, caption dro
   costs 1/9 of a teacher-forced clip). The text encoder is trained with the transformer; with
   probability ``p_uncond`` a caption is replaced by the empty embedding (all zeros, what
   `SamplerConfig(guidance_scale=...)` uses as its unconditional input). EMA copies of both are kept.
+  Against exposure bias (the cheap variant of Self-Forcing's point): from `self_context_from` on, the
+  context blocks are, with probability `p_self_context`, the model's own one-step reconstruction of
+  noised ground truth (`probe.denoise_context`), so it learns to continue from its own imperfect
+  blocks while the ground-truth target stays valid. This is not a free rollout (no DMD here).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from torch import nn
 from ..world import Scene, parse_caption, world_spec
 from .data import to_pixels
 from .loop import step_rng
+from .probe import denoise_context
 from .stages import sample_timesteps, teacher_forcing_layout
 
 # Held-out evaluation captions of the v2 world: never a training caption, in any object order.
@@ -140,6 +145,11 @@ class TransformerV2Config:
     clip_batch: int = 1  # teacher-forced clips per step
     first_batch: int = 8  # extra text-only first blocks per step
     p_uncond: float = 0.1  # caption dropout (classifier-free guidance)
+    # against exposure bias: with this probability (from step `self_context_from` on) the clean
+    # context of a teacher-forced clip is the model's own one-step guess from noised ground truth
+    p_self_context: float = 0.0
+    self_context_from: int = 0
+    self_context_sigma: tuple[float, float] = (0.2, 0.7)
     ema: float = 0.999
     bf16: bool = True
     seed: int = 0
@@ -194,6 +204,12 @@ class TransformerV2Stage:
             clean = x0[:, :, : (n - 1) * b]
             ctx_sigma = torch.rand(c.clip_batch, generator=gen).mul(c.context_noise).to(self.device)
             clean = clean + ctx_sigma[:, None, None, None, None] * torch.randn(clean.shape, generator=gen).to(self.device)
+            if step >= c.self_context_from and rng.random() < c.p_self_context:
+                lo, hi = c.self_context_sigma
+                sig = lo + (hi - lo) * torch.rand(c.clip_batch, n - 1, generator=gen)
+                with torch.no_grad(), self._autocast():
+                    clean = denoise_context(self.model, x0[:, :, : (n - 1) * b], text[: c.clip_batch].detach(), sig,
+                                            positions[: (n - 1) * b].to(self.device), gen, b).float()
             seq = torch.cat([clean, x_t], dim=2)
             timestep = torch.cat([torch.zeros(c.clip_batch, clean.shape[2], device=self.device), t_frame], dim=1)
             with self._autocast():
