@@ -7,7 +7,10 @@ Phases (each resumable, each lands weights without optimizer state in ``OUT/<pha
                  right), colour- and object-weighted loss, colour anchor.
     transformer  flow matching on an on-the-fly pool of encoded clips (`training.v2.ClipPool`):
                  teacher-forced 5-block clips + extra text-only first blocks, the text encoder
-                 trained with it, caption dropout (for guidance), weight EMA.
+                 trained with it, caption dropout (for guidance), weight EMA; from
+                 `self_context_from` on, half the clips get self-generated context.
+    export       write a tiny-world directory (``--export DIR``) from the EMA weights; the
+                 compressor is the LR branch only (zero-shot) until a v2 compressor is trained.
 
 Every random draw of a step comes from ``(seed, step)``, so ``--resume`` continues bit-identically
 (`packforcing.training.loop`). Data are generated on the fly: no fixed clip set. The first v2
@@ -25,7 +28,9 @@ from pathlib import Path
 
 import torch
 
-PHASES = ("vae", "transformer")
+from .world import world_spec
+
+PHASES = ("vae", "transformer", "export")
 
 
 @dataclass
@@ -91,8 +96,6 @@ def train_vae(cfg: V2Config, out: Path, resume: bool, progress: bool = True) -> 
     from .training.loop import LoopConfig, run_stage
     from .training.stages import VAEStage, VAEStageConfig
 
-    from .world import world_spec
-
     size = world_spec(cfg.world).height
     stage = VAEStage(build_vae(cfg), VAEStageConfig(
         batch=4, frames=9, crop=size, seed=cfg.seed, world=cfg.world, colour_from=cfg.vae_colour_from,
@@ -155,6 +158,28 @@ def train_transformer(cfg: V2Config, out: Path, resume: bool, progress: bool = T
     return run_stage(stage, out / "transformer", loop, resume)
 
 
+def export(cfg: V2Config, out: Path, dest: Path, guidance_scale: float = 1.0) -> Path:
+    """A tiny-world directory (`packforcing.tiny_world` layout) from the EMA weights of a run."""
+    from .compressor import Compressor
+    from .tiny_world import PIPELINE_NAME, save_tiny_world
+    from .training.loop import CHECKPOINT, load_checkpoint
+
+    transformer, text = build_transformer(cfg), build_text(cfg)
+    step = load_checkpoint(out / "transformer" / CHECKPOINT, {"ema_transformer": transformer,
+                                                              "ema_text": text.model}, None)
+    world = world_spec(cfg.world)
+    settings = {
+        "name": f"{PIPELINE_NAME} · world {cfg.world}", "world": cfg.world, "height": world.height,
+        "width": world.width, "fps": cfg.fps, "block_frames": 4,
+        "denoising_steps": [int(v) for v in cfg.sample_steps.split(",")], "shift": cfg.sample_shift,
+        "solver": "euler", "guidance_scale": guidance_scale,
+        "training": {"command": "bash scripts/train_tiny_world_v2.sh", "config": dataclasses.asdict(cfg),
+                     "transformer_steps_done": step},
+    }
+    return save_tiny_world(dest, transformer.eval(), final_vae(cfg, out), text, Compressor(cfg.dim, mode="lr"),
+                           settings)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m packforcing.train_v2", description=__doc__.split("\n\n")[0])
     p.add_argument("phase", choices=PHASES)
@@ -163,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--device", default="cpu", help="cpu or cuda (the same phases, same recipe)")
+    p.add_argument("--export", default=None, help="export phase: destination tiny-world directory")
+    p.add_argument("--guidance-scale", type=float, default=1.0, help="export phase: guidance stored with the model")
     for f in dataclasses.fields(V2Config):
         if str(f.type) == "bool":
             p.add_argument("--" + f.name.replace("_", "-"), type=lambda v: v.lower() in ("1", "true", "yes"),
@@ -186,6 +213,10 @@ def main(argv=None) -> int:
     stored.write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     if args.phase == "vae":
         train_vae(cfg, out, args.resume, not args.no_progress)
+    elif args.phase == "export":
+        if not args.export:
+            raise SystemExit("error: the export phase needs --export DIR")
+        print(f"exported to {export(cfg, out, Path(args.export), args.guidance_scale)}")
     else:
         train_transformer(cfg, out, args.resume, not args.no_progress, args.device)
     return 0

@@ -123,3 +123,24 @@ def test_self_generated_context_changes_the_training_context(toy_run):
             first_batch=0, p_self_context=p, bf16=False))
         losses.append(float(stage.loss(0)))
     assert np.isfinite(losses).all() and losses[0] != losses[1]
+
+
+def test_export_writes_a_loadable_tiny_world_from_the_ema_weights(toy_run, tmp_path):
+    import json
+    import shutil
+
+    from packforcing.tiny_world import load_tiny_world
+
+    shutil.copytree(toy_run, tmp_path / "run")
+    train_v2.train_transformer(dataclasses.replace(TOY, transformer_steps=2), tmp_path / "run", resume=False,
+                               progress=False)
+    dest = train_v2.export(TOY, tmp_path / "run", tmp_path / "tw", guidance_scale=2.0)
+    settings = json.loads((dest / "tiny_world.json").read_text())
+    assert settings["world"] == "v2" and (settings["height"], settings["width"]) == (64, 64)
+    assert settings["guidance_scale"] == 2.0
+    pipe = load_tiny_world(dest)
+    ckpt = load_file(str(tmp_path / "run" / "transformer" / "checkpoint.safetensors"))
+    for key, value in pipe.transformer.state_dict().items():
+        assert torch.equal(value, ckpt["model.ema_transformer." + key]), key
+    video = pipe.generate(HELDOUT_V2[0], seconds=1, policy="window", seed=0)
+    assert video.shape[1:] == (64, 64, 3)
