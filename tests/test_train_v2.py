@@ -144,3 +144,19 @@ def test_export_writes_a_loadable_tiny_world_from_the_ema_weights(toy_run, tmp_p
         assert torch.equal(value, ckpt["model.ema_transformer." + key]), key
     video = pipe.generate(HELDOUT_V2[0], seconds=1, policy="window", seed=0)
     assert video.shape[1:] == (64, 64, 3)
+
+
+def test_probe_command_scores_a_run_on_the_heldout_prompts(toy_run, tmp_path):
+    import shutil
+
+    from analysis.probe import probe, run_sampler, save_strips
+
+    shutil.copytree(toy_run, tmp_path / "run")
+    train_v2.train_transformer(dataclasses.replace(TOY, transformer_steps=1), tmp_path / "run", resume=False,
+                               progress=False)
+    sample = run_sampler(tmp_path / "run", guidance=2.0, steps=[1000.0, 500.0])
+    a, b = sample(HELDOUT_V2[0], 7, 1), sample(HELDOUT_V2[0], 7, 1)
+    assert a.shape == (13, 64, 64, 3) and a.dtype == np.uint8 and np.array_equal(a, b)
+    table, videos = probe(sample, seconds=1, every=6)
+    assert list(table["prompt"]) == list(HELDOUT_V2) and table["strict_fidelity"].between(0, 1).all()
+    assert save_strips(videos, tmp_path / "strip.png", count=3).exists()
