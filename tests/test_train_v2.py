@@ -2,6 +2,7 @@
 (resumable bit for bit, EMA, caption dropout) at toy size."""
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -154,6 +155,7 @@ def test_probe_command_scores_a_run_on_the_heldout_prompts(toy_run, tmp_path):
     shutil.copytree(toy_run, tmp_path / "run")
     train_v2.train_transformer(dataclasses.replace(TOY, transformer_steps=1), tmp_path / "run", resume=False,
                                progress=False)
+    (tmp_path / "run" / "config.json").write_text(json.dumps(dataclasses.asdict(TOY)))  # as the CLI writes it
     sample = run_sampler(tmp_path / "run", guidance=2.0, steps=[1000.0, 500.0])
     a, b = sample(HELDOUT_V2[0], 7, 1), sample(HELDOUT_V2[0], 7, 1)
     assert a.shape == (13, 64, 64, 3) and a.dtype == np.uint8 and np.array_equal(a, b)
