@@ -92,12 +92,12 @@ def build_vae(cfg: V2Config):
         return AutoencoderKLWan(**tiny_vae_config(cfg.vae_base_dim, 16))
 
 
-def train_vae(cfg: V2Config, out: Path, resume: bool, progress: bool = True) -> list[float]:
+def train_vae(cfg: V2Config, out: Path, resume: bool, progress: bool = True, device: str = "cpu") -> list[float]:
     from .training.loop import LoopConfig, run_stage
     from .training.stages import VAEStage, VAEStageConfig
 
     size = world_spec(cfg.world).height
-    stage = VAEStage(build_vae(cfg), VAEStageConfig(
+    stage = VAEStage(build_vae(cfg).to(device), VAEStageConfig(
         batch=4, frames=9, crop=size, seed=cfg.seed, world=cfg.world, colour_from=cfg.vae_colour_from,
         long_frames=17, long_from=cfg.vae_long_from, longer_frames=25, longer_from=cfg.vae_longer_from,
         longer_batch=2, object_weight=cfg.vae_object_weight))
@@ -212,7 +212,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     stored.write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     if args.phase == "vae":
-        train_vae(cfg, out, args.resume, not args.no_progress)
+        train_vae(cfg, out, args.resume, not args.no_progress, args.device)
     elif args.phase == "export":
         if not args.export:
             raise SystemExit("error: the export phase needs --export DIR")

@@ -130,10 +130,10 @@ class VAEStage:
             frames = c.long_frames
         if c.longer_frames and step >= c.longer_from:
             frames, batch = c.longer_frames, c.longer_batch
-        x = vae_batch(rng, batch, frames, c.crop, world=c.world)
+        x = vae_batch(rng, batch, frames, c.crop, world=c.world).to(self.vae.device)
         with torch.set_grad_enabled(c.train_encoder):
             mean = self.vae.encode(x).latent_dist.mean
-        z = mean + c.latent_noise * torch.randn(mean.shape, generator=gen)
+        z = mean + c.latent_noise * torch.randn(mean.shape, generator=gen).to(mean.device)
         recon = decode_unclamped(self.vae, z)
         phase2 = c.colour_from is not None and step >= c.colour_from
         err = (recon - x).abs() + c.mse_weight * (recon - x).pow(2)
