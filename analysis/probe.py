@@ -41,7 +41,7 @@ def run_sampler(run: Path, guidance: float, steps: list[float] | None = None):
     transformer, text = train_v2.build_transformer(cfg), train_v2.build_text(cfg)
     load_checkpoint(run / "transformer" / CHECKPOINT, {"ema_transformer": transformer, "ema_text": text.model}, None)
     transformer.eval()
-    vae = WanVAE(train_v2.final_vae(cfg, run))
+    vae = WanVAE(train_v2.final_vae(cfg, run, decoder=True))
     steps = steps or cfg.inference_timesteps()
 
     def sample(prompt: str, seed: int, seconds: float) -> np.ndarray:

@@ -5,6 +5,8 @@ Phases (each resumable, each lands weights without optimizer state in ``OUT/<pha
     vae          AutoencoderKLWan (real architecture, base_dim 16) on full 64x64 frames of random
                  v2 scenes, 9 -> 17 -> 25-frame clips (the causal caches' steady state must decode
                  right), colour- and object-weighted loss, colour anchor.
+    vae_decoder  decoder only (encoder frozen, so the latents the transformer trains on do not move:
+                 it can run beside the transformer phase), 25-frame clips, object-weighted.
     transformer  flow matching on an on-the-fly pool of encoded clips (`training.v2.ClipPool`):
                  teacher-forced 5-block clips + extra text-only first blocks, the text encoder
                  trained with it, caption dropout (for guidance), weight EMA; from
@@ -30,7 +32,7 @@ import torch
 
 from .world import world_spec
 
-PHASES = ("vae", "transformer", "export")
+PHASES = ("vae", "vae_decoder", "transformer", "export")
 
 
 @dataclass
@@ -46,6 +48,9 @@ class V2Config:
     vae_long_from: int = 400  # 17-frame clips (batch 4) from this step
     vae_longer_from: int = 900  # 25-frame clips (batch 2) from this step
     vae_object_weight: float = 2.0
+    vae_decoder_steps: int = 1200
+    vae_decoder_lr: float = 5e-4
+    vae_decoder_object_weight: float = 4.0
     vae_stat_clips: int = 48  # clips whose latents set the VAE's latents_mean / latents_std
     # text (word-level tokenizer, 2-layer UMT5, trained with the transformer)
     text_dim: int = 64
@@ -106,9 +111,25 @@ def train_vae(cfg: V2Config, out: Path, resume: bool, progress: bool = True, dev
     return run_stage(stage, out / "vae", loop, resume)
 
 
-def final_vae(cfg: V2Config, out: Path, device: str = "cpu"):
+def train_vae_decoder(cfg: V2Config, out: Path, resume: bool, progress: bool = True, device: str = "cpu"):
+    from .training.loop import CHECKPOINT, LoopConfig, load_checkpoint, run_stage
+    from .training.stages import VAEStage, VAEStageConfig
+
+    vae = build_vae(cfg)
+    load_checkpoint(out / "vae" / CHECKPOINT, {"vae": vae}, None)
+    stage = VAEStage(vae.to(device), VAEStageConfig(
+        batch=2, frames=25, crop=world_spec(cfg.world).height, seed=cfg.seed + 10, world=cfg.world,
+        train_encoder=False, colour_from=0, anchor_weight=0.0, colour_anchor_weight=0.0,
+        object_weight=cfg.vae_decoder_object_weight))
+    loop = LoopConfig(cfg.vae_decoder_steps, cfg.vae_decoder_lr, warmup=10, checkpoint_every=cfg.checkpoint_every,
+                      progress=progress, desc="vae_decoder")
+    return run_stage(stage, out / "vae_decoder", loop, resume)
+
+
+def final_vae(cfg: V2Config, out: Path, device: str = "cpu", decoder: bool = False):
     """The trained VAE with the latent statistics of `vae_stat_clips` training clips in its config
-    (written once to ``OUT/vae_final``, diffusers layout)."""
+    (written once to ``OUT/vae_final``, diffusers layout). ``decoder``: with the weights of the
+    `vae_decoder` phase when it has a checkpoint (its encoder is the same, frozen)."""
     from diffusers import AutoencoderKLWan
 
     from .training.loop import CHECKPOINT, load_checkpoint
@@ -121,7 +142,10 @@ def final_vae(cfg: V2Config, out: Path, device: str = "cpu"):
         mean, std = latent_statistics(vae.eval(), cfg.vae_stat_clips, world=cfg.world, seed=cfg.seed)
         vae.register_to_config(latents_mean=[float(v) for v in mean], latents_std=[float(v) for v in std])
         vae.save_pretrained(path, safe_serialization=True)
-    return AutoencoderKLWan.from_pretrained(path).to(device).eval().requires_grad_(False)
+    vae = AutoencoderKLWan.from_pretrained(path)
+    if decoder and (out / "vae_decoder" / CHECKPOINT).exists():
+        load_checkpoint(out / "vae_decoder" / CHECKPOINT, {"vae": vae}, None)
+    return vae.to(device).eval().requires_grad_(False)
 
 
 def build_transformer(cfg: V2Config):
@@ -176,7 +200,7 @@ def export(cfg: V2Config, out: Path, dest: Path, guidance_scale: float = 1.0) ->
         "training": {"command": "bash scripts/train_tiny_world_v2.sh", "config": dataclasses.asdict(cfg),
                      "transformer_steps_done": step},
     }
-    return save_tiny_world(dest, transformer.eval(), final_vae(cfg, out), text, Compressor(cfg.dim, mode="lr"),
+    return save_tiny_world(dest, transformer.eval(), final_vae(cfg, out, decoder=True), text, Compressor(cfg.dim, mode="lr"),
                            settings)
 
 
@@ -213,6 +237,8 @@ def main(argv=None) -> int:
     stored.write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     if args.phase == "vae":
         train_vae(cfg, out, args.resume, not args.no_progress, args.device)
+    elif args.phase == "vae_decoder":
+        train_vae_decoder(cfg, out, args.resume, not args.no_progress, args.device)
     elif args.phase == "export":
         if not args.export:
             raise SystemExit("error: the export phase needs --export DIR")

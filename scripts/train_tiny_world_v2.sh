@@ -9,5 +9,8 @@ PY=${PY:-.venv/bin/python}
 DEVICE=${DEVICE:-cpu}
 T="$PY -m packforcing.train_v2 --out $OUT --resume --threads 1 --device $DEVICE"
 $T vae                                        # ~1.2 CPU-h: 1,400 steps, 9 -> 17 -> 25-frame clips
+# the two phases below ran side by side (the decoder phase leaves the encoder, hence the latents, alone)
+$T vae_decoder &                              # decoder only, 25-frame clips
 $T transformer --transformer-steps 2400 --self-context-from 1400   # ~1 CPU-h on a shared core
+wait
 $T export --export "${EXPORT:-runs/tiny-world-v2/export}" --guidance-scale "${GUIDANCE:-1}"

@@ -162,3 +162,18 @@ def test_probe_command_scores_a_run_on_the_heldout_prompts(toy_run, tmp_path):
     table, videos = probe(sample, seconds=1, every=6)
     assert list(table["prompt"]) == list(HELDOUT_V2) and table["strict_fidelity"].between(0, 1).all()
     assert save_strips(videos, tmp_path / "strip.png", count=3).exists()
+
+
+def test_decoder_phase_keeps_the_encoder_and_export_uses_its_decoder(toy_run, tmp_path):
+    import shutil
+
+    shutil.copytree(toy_run, tmp_path / "run")
+    cfg = dataclasses.replace(TOY, vae_decoder_steps=2)
+    before = train_v2.final_vae(cfg, tmp_path / "run")
+    train_v2.train_vae_decoder(cfg, tmp_path / "run", resume=False, progress=False)
+    after = train_v2.final_vae(cfg, tmp_path / "run", decoder=True)
+    enc_b, enc_a = before.encoder.state_dict(), after.encoder.state_dict()
+    assert all(torch.equal(enc_b[k], enc_a[k]) for k in enc_b)
+    dec_b, dec_a = before.decoder.state_dict(), after.decoder.state_dict()
+    assert any(not torch.equal(dec_b[k], dec_a[k]) for k in dec_b)
+    assert before.config.latents_mean == after.config.latents_mean
