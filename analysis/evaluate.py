@@ -36,7 +36,8 @@ from analysis.metrics import evaluate_video
 
 FPS = 16
 METRIC_COLUMNS = ["fidelity", "fidelity_last", "background_similarity", "background_similarity_last",
-                  "dynamics", "dynamics_last", "frozen_frac", "jump_ratio"]
+                  "dynamics", "dynamics_last", "frozen_frac", "jump_ratio",
+                  "strict_fidelity", "strict_last_60s", "objects", "stray_fraction"]
 TABLE_COLUMNS = ["length_s", "policy", "prompts"] + METRIC_COLUMNS + [
     "peak_kv_tokens", "peak_kv_MB", "s_per_block", "first_block_s", "wall_s"]
 
@@ -49,8 +50,10 @@ class PolicySpec:
     options: dict = field(default_factory=dict)
 
 
-def policy_specs(quick: bool = False, available=None) -> list[PolicySpec]:
-    """The compared settings. Frames are latent frames (4 per block)."""
+def policy_specs(quick: bool = False, available=None, trained_hr: bool = True) -> list[PolicySpec]:
+    """The compared settings. Frames are latent frames (4 per block). Without a trained HR branch
+    (`trained_hr=False`, e.g. the v2 model before its compressor phase) the trained rows are left
+    out and the ablations use the LR branch."""
     from packforcing.cache import POLICIES
 
     available = set(POLICIES) if available is None else set(available)
@@ -69,13 +72,15 @@ def policy_specs(quick: bool = False, available=None) -> list[PolicySpec]:
         # same attended budget as packforcing: sink + recent + top_k·N_c kept tokens (+ current)
         specs.append(PolicySpec(f"deep_sink ({sink}+{recent}, keep {top_k * n_c} tok.)", "deep_sink",
                                 options=dict(sink_frames=sink, recent_frames=recent, keep_tokens=top_k * n_c)))
+    comp = "both" if trained_hr else "lr"
+    specs.append(PolicySpec("packforcing zero-shot (LR only)", "packforcing", "lr", dict(pf)))
+    if trained_hr:
+        specs.append(PolicySpec("packforcing trained (HR+LR)", "packforcing", "both", dict(pf)))
     specs += [
-        PolicySpec("packforcing zero-shot (LR only)", "packforcing", "lr", dict(pf)),
-        PolicySpec("packforcing trained (HR+LR)", "packforcing", "both", dict(pf)),
-        PolicySpec("  ablation: no RoPE adjustment", "packforcing", "both", dict(pf, rope_adjust=False)),
-        PolicySpec("  ablation: FIFO mid (recency)", "packforcing", "both", dict(pf, selection="recency")),
-        PolicySpec("  ablation: no sink", "packforcing", "both", dict(pf, sink_frames=0)),
-        PolicySpec("  variant: mid_span=single", "packforcing", "both", dict(pf, mid_span="single")),
+        PolicySpec("  ablation: no RoPE adjustment", "packforcing", comp, dict(pf, rope_adjust=False)),
+        PolicySpec("  ablation: FIFO mid (recency)", "packforcing", comp, dict(pf, selection="recency")),
+        PolicySpec("  ablation: no sink", "packforcing", comp, dict(pf, sink_frames=0)),
+        PolicySpec("  variant: mid_span=single", "packforcing", comp, dict(pf, mid_span="single")),
     ]
     return specs
 
@@ -101,10 +106,22 @@ def quick_pipeline():
     return Pipeline(transformer, vae, build_text_encoder(16), compressor, 64, 64, name="quick (random weights)")
 
 
-def heldout_prompts(n: int, offset: int = 0) -> list[tuple[str, int]]:
-    from packforcing.training.data import EVAL_SEED_BASE, HELDOUT_PROMPTS
+def heldout_prompts(n: int, offset: int = 0, world: str = "v1") -> list[tuple[str, int]]:
+    """(prompt, seed) pairs held out from the training of `world`'s model."""
+    if world == "v2":
+        from packforcing.training.v2 import EVAL_SEED_BASE_V2 as base, HELDOUT_V2 as prompts
+    else:
+        from packforcing.training.data import EVAL_SEED_BASE as base, HELDOUT_PROMPTS as prompts
+    return [(p, base + i) for i, p in enumerate(prompts)][offset : offset + n]
 
-    return [(p, EVAL_SEED_BASE + i) for i, p in enumerate(HELDOUT_PROMPTS)][offset : offset + n]
+
+def model_world(path) -> str:
+    """The tiny world a model directory was trained on (its manifest's "world"; v1 before v2 existed)."""
+    import json
+
+    from packforcing.tiny_world import MANIFEST
+
+    return json.loads((Path(path) / MANIFEST).read_text()).get("world", "v1")
 
 
 def run_one(pipe, spec: PolicySpec, prompt: str, seed: int, seconds: float):
@@ -132,16 +149,23 @@ def run_one(pipe, spec: PolicySpec, prompt: str, seed: int, seconds: float):
 
 
 def score(video: np.ndarray, prompt: str) -> dict:
+    """`analysis.metrics` (per 5 s window) plus the strict object metric (`analysis.objects`, every
+    2nd frame): over the whole video and over its last 60 s."""
+    from analysis.objects import object_frame_table, object_summary
+
     _, summary = evaluate_video(video, prompt, fps=FPS, frames_per_block=16)
+    objects = object_frame_table(video, prompt, FPS, every=2)
+    summary.update(object_summary(objects))
+    summary["strict_last_60s"] = object_summary(objects, FPS, last_s=60.0)["strict_fidelity"]
     return {k: summary.get(k, np.nan) for k in METRIC_COLUMNS}
 
 
-def ground_truth(prompt: str, seed: int, seconds: float, height: int, width: int) -> np.ndarray:
+def ground_truth(prompt: str, seed: int, seconds: float, height: int, width: int, world: str = "v1") -> np.ndarray:
     """The world's own video for the prompt (reference row)."""
     from packforcing.world import Scene
 
     frames = 4 * max(1, round(seconds * FPS / 16)) * 4 - 3
-    return Scene.from_caption(prompt, seed).render(frames, height, width, FPS)
+    return Scene.from_caption(prompt, seed, world=world).render(frames, height, width, FPS)
 
 
 def save_strip(video: np.ndarray, path: Path, count: int = 8) -> Path:
@@ -161,6 +185,7 @@ def _slug(text: str) -> str:
 def summarize_runs(runs: pd.DataFrame) -> pd.DataFrame:
     """Mean over prompts per (length, policy), in the order the policies were run."""
     order = list(dict.fromkeys(runs["policy"]))
+    runs = runs.reindex(columns=list(dict.fromkeys([*runs.columns, *METRIC_COLUMNS])))  # older runs.csv: NaN
     agg = {c: "mean" for c in METRIC_COLUMNS + ["peak_kv_MB", "s_per_block", "first_block_s", "wall_s"]}
     agg["peak_kv_tokens"] = "max"
     agg["prompt"] = "nunique"
@@ -171,10 +196,11 @@ def summarize_runs(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def to_markdown(table: pd.DataFrame) -> str:
-    cols = ["policy", "prompts", "fidelity", "fidelity_last", "background_similarity", "background_similarity_last",
-            "dynamics", "frozen_frac", "jump_ratio", "peak_kv_tokens", "peak_kv_MB", "s_per_block"]
-    heads = ["policy", "n", "fidelity", "fid. last", "bg sim.", "bg last", "dynamics", "frozen", "jump",
-             "peak KV tok.", "peak KV MB", "s/block"]
+    cols = ["policy", "prompts", "strict_fidelity", "strict_last_60s", "stray_fraction", "fidelity", "fidelity_last",
+            "background_similarity", "background_similarity_last", "dynamics", "frozen_frac", "jump_ratio",
+            "peak_kv_tokens", "peak_kv_MB", "s_per_block"]
+    heads = ["policy", "n", "strict", "strict last 60 s", "stray px", "fidelity", "fid. last", "bg sim.", "bg last",
+             "dynamics", "frozen", "jump", "peak KV tok.", "peak KV MB", "s/block"]
     out = []
     for length, part in table.groupby("length_s", sort=True):
         out.append(f"\n**{length:g} s** ({int(round(length * FPS / 16))} blocks)\n")
@@ -238,6 +264,7 @@ def main(argv=None) -> int:
         return _write_table(runs, out)
     if args.timing is not None:
         return _timing(args, out)
+    world = "v1"
     if args.quick:
         pipe = quick_pipeline()
         lengths, n_prompts, n_long = [4.0], 1, 1
@@ -245,10 +272,11 @@ def main(argv=None) -> int:
         from packforcing.tiny_world import TINY_WORLD_DIR, load_tiny_world
 
         pipe = load_tiny_world(args.model or TINY_WORLD_DIR)
+        world = model_world(args.model or TINY_WORLD_DIR)
         lengths, n_prompts = args.lengths, args.prompts
         n_long = args.prompts_long if args.prompts_long is not None else n_prompts
     pipe.max_seconds = max(pipe.max_seconds, max(lengths))
-    specs = policy_specs(args.quick)
+    specs = policy_specs(args.quick, trained_hr=getattr(pipe.compressor, "hr", None) is not None)
     if args.policies:
         specs = [s for s in specs if s.policy in args.policies or s.label in args.policies]
     runs_path = out / "runs.csv"
@@ -260,11 +288,11 @@ def main(argv=None) -> int:
         runs_path.unlink()
     print(f"model: {pipe.name}; policies: {len(specs)}; lengths: {lengths}", flush=True)
     for seconds in lengths:
-        prompts = heldout_prompts(n_long if seconds >= args.long_from else n_prompts, args.prompt_offset)
+        prompts = heldout_prompts(n_long if seconds >= args.long_from else n_prompts, args.prompt_offset, world)
         for prompt, seed in prompts:
             rows = []
             if (float(seconds), "ground truth (world generator)", prompt, seed) not in done:
-                gt = ground_truth(prompt, seed, seconds, pipe.height, pipe.width)
+                gt = ground_truth(prompt, seed, seconds, pipe.height, pipe.width, world)
                 rows.append(dict(length_s=float(seconds), policy="ground truth (world generator)", prompt=prompt,
                                  seed=seed, **score(gt, prompt)))
             for spec in specs:
@@ -274,7 +302,8 @@ def main(argv=None) -> int:
                 row = dict(length_s=float(seconds), policy=spec.label, prompt=prompt, seed=seed, **score(video, prompt),
                            **stats)
                 rows.append(row)
-                print(f"{seconds:>5g}s | {spec.label:<34} | fid {row['fidelity']:.3f} bg "
+                print(f"{seconds:>5g}s | {spec.label:<34} | strict {row['strict_fidelity']:.3f} "
+                      f"fid {row['fidelity']:.3f} bg "
                       f"{row['background_similarity']:.3f} dyn {row['dynamics']:.2f} jump {row['jump_ratio']:.2f} | "
                       f"{stats['s_per_block']:.2f} s/block, wall {stats['wall_s']:.0f} s", flush=True)
                 if not args.no_strips:
@@ -294,7 +323,7 @@ def _timing(args, out: Path) -> int:
     tic = time.perf_counter()
     pipe = load_tiny_world(args.model or TINY_WORLD_DIR)
     load_s = time.perf_counter() - tic
-    prompt, seed = heldout_prompts(1)[0]
+    prompt, seed = heldout_prompts(1, world=model_world(args.model or TINY_WORLD_DIR))[0]
     tic = time.perf_counter()
     first, n = None, 0
     for block in pipe.stream(prompt, args.timing, policy="packforcing", seed=seed):

@@ -1,6 +1,7 @@
 """The evaluation command's quick path: one table with every policy and the expected columns."""
 
 import pandas as pd
+import pytest
 
 from analysis.evaluate import TABLE_COLUMNS, main, policy_specs
 
@@ -28,3 +29,27 @@ def test_policy_specs_include_deep_sink_only_when_available():
     labels = [s.label for s in policy_specs(available=["full", "window", "sink_window", "packforcing"])]
     assert not any(label.startswith("deep_sink") for label in labels) and len(labels) == 9
     assert any(s.policy == "deep_sink" for s in policy_specs(available=["deep_sink"]))
+
+
+def test_v2_evaluation_uses_the_v2_heldout_prompts_and_world():
+    from analysis.evaluate import ground_truth, heldout_prompts, score
+    from packforcing.training.v2 import EVAL_SEED_BASE_V2, HELDOUT_V2
+
+    pairs = heldout_prompts(2, 1, world="v2")
+    assert pairs == [(HELDOUT_V2[1], EVAL_SEED_BASE_V2 + 1), (HELDOUT_V2[2], EVAL_SEED_BASE_V2 + 2)]
+    prompt, seed = pairs[0]
+    video = ground_truth(prompt, seed, 2, 64, 64, world="v2")
+    row = score(video, prompt)
+    assert row["strict_fidelity"] > 0.9 and row["fidelity"] == 1.0 and row["objects"] == pytest.approx(2, abs=0.2)
+
+
+def test_runs_without_the_strict_columns_still_summarize():
+    import pandas as pd
+
+    from analysis.evaluate import METRIC_COLUMNS, summarize_runs
+
+    old = pd.DataFrame([dict(length_s=5.0, policy="window", prompt="p", seed=1, fidelity=0.5, peak_kv_MB=1.0,
+                             s_per_block=0.1, first_block_s=0.1, wall_s=1.0, peak_kv_tokens=10)])
+    table = summarize_runs(old)
+    assert table["fidelity"].iloc[0] == 0.5 and table["strict_fidelity"].isna().all()
+    assert set(METRIC_COLUMNS) <= set(table.columns)
