@@ -97,7 +97,8 @@ def build_vae(cfg: V2Config):
         return AutoencoderKLWan(**tiny_vae_config(cfg.vae_base_dim, 16))
 
 
-def train_vae(cfg: V2Config, out: Path, resume: bool, progress: bool = True, device: str = "cpu") -> list[float]:
+def train_vae(cfg: V2Config, out: Path, resume: bool, progress: bool = True, device: str = "cpu",
+              stop_at: int | None = None) -> list[float]:
     from .training.loop import LoopConfig, run_stage
     from .training.stages import VAEStage, VAEStageConfig
 
@@ -107,11 +108,12 @@ def train_vae(cfg: V2Config, out: Path, resume: bool, progress: bool = True, dev
         long_frames=17, long_from=cfg.vae_long_from, longer_frames=25, longer_from=cfg.vae_longer_from,
         longer_batch=2, object_weight=cfg.vae_object_weight))
     loop = LoopConfig(cfg.vae_steps, cfg.vae_lr, warmup=20, checkpoint_every=cfg.checkpoint_every,
-                      progress=progress, desc="vae")
+                      progress=progress, desc="vae", stop_at=stop_at)
     return run_stage(stage, out / "vae", loop, resume)
 
 
-def train_vae_decoder(cfg: V2Config, out: Path, resume: bool, progress: bool = True, device: str = "cpu"):
+def train_vae_decoder(cfg: V2Config, out: Path, resume: bool, progress: bool = True, device: str = "cpu",
+                      stop_at: int | None = None):
     from .training.loop import CHECKPOINT, LoopConfig, load_checkpoint, run_stage
     from .training.stages import VAEStage, VAEStageConfig
 
@@ -122,7 +124,7 @@ def train_vae_decoder(cfg: V2Config, out: Path, resume: bool, progress: bool = T
         train_encoder=False, colour_from=0, anchor_weight=0.0, colour_anchor_weight=0.0,
         object_weight=cfg.vae_decoder_object_weight))
     loop = LoopConfig(cfg.vae_decoder_steps, cfg.vae_decoder_lr, warmup=10, checkpoint_every=cfg.checkpoint_every,
-                      progress=progress, desc="vae_decoder")
+                      progress=progress, desc="vae_decoder", stop_at=stop_at)
     return run_stage(stage, out / "vae_decoder", loop, resume)
 
 
@@ -212,6 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--device", default="cpu", help="cpu or cuda (the same phases, same recipe)")
+    p.add_argument("--stop-at", type=int, default=None,
+                   help="training phases: stop (with a checkpoint) before this step; the schedule stays that of the full run")
     p.add_argument("--export", default=None, help="export phase: destination tiny-world directory")
     p.add_argument("--guidance-scale", type=float, default=1.0, help="export phase: guidance stored with the model")
     for f in dataclasses.fields(V2Config):
@@ -236,15 +240,15 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     stored.write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     if args.phase == "vae":
-        train_vae(cfg, out, args.resume, not args.no_progress, args.device)
+        train_vae(cfg, out, args.resume, not args.no_progress, args.device, args.stop_at)
     elif args.phase == "vae_decoder":
-        train_vae_decoder(cfg, out, args.resume, not args.no_progress, args.device)
+        train_vae_decoder(cfg, out, args.resume, not args.no_progress, args.device, args.stop_at)
     elif args.phase == "export":
         if not args.export:
             raise SystemExit("error: the export phase needs --export DIR")
         print(f"exported to {export(cfg, out, Path(args.export), args.guidance_scale)}")
     else:
-        train_transformer(cfg, out, args.resume, not args.no_progress, args.device)
+        train_transformer(cfg, out, args.resume, not args.no_progress, args.device, args.stop_at)
     return 0
 
 

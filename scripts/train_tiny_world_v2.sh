@@ -8,9 +8,11 @@ OUT=${OUT:-runs/tiny-world-v2}
 PY=${PY:-.venv/bin/python}
 DEVICE=${DEVICE:-cpu}
 T="$PY -m packforcing.train_v2 --out $OUT --resume --threads 1 --device $DEVICE"
-$T vae                                        # ~1.2 CPU-h: 1,400 steps, 9 -> 17 -> 25-frame clips
+# VAE: the 1,400-step schedule (9 -> 17 -> 25-frame clips) stopped at step 825 (17-frame clips; its
+# streamed 10 s reconstructions already kept the colours), so the transformer could start sooner
+$T vae --stop-at 825
 # the two phases below ran side by side (the decoder phase leaves the encoder, hence the latents, alone)
 $T vae_decoder &                              # decoder only, 25-frame clips
-$T transformer --transformer-steps 2400 --self-context-from 1400   # ~1 CPU-h on a shared core
+$T transformer --transformer-steps 2800 --self-context-from 1600 --stop-at 2000   # ~1 h wall on a shared core
 wait
 $T export --export "${EXPORT:-runs/tiny-world-v2/export}" --guidance-scale "${GUIDANCE:-1}"
