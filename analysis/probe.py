@@ -28,19 +28,16 @@ def _to_uint8(pixels: torch.Tensor) -> np.ndarray:
     return ((pixels.permute(1, 2, 3, 0).float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
 
 
-def run_sampler(run: Path, guidance: float, steps: list[float] | None = None):
-    """A function (prompt, seed, seconds) -> uint8 video from the EMA weights of a v2 training run."""
+def run_sampler(run: Path, guidance: float, steps: list[float] | None = None, weights: str = "ema"):
+    """A function (prompt, seed, seconds) -> uint8 video from the EMA (or live) weights of a v2 run."""
     import json
 
     from packforcing import train_v2
-    from packforcing.training.loop import CHECKPOINT, load_checkpoint
     from packforcing.training.probe import sample_blocks
     from packforcing.vae import WanVAE
 
     cfg = train_v2.V2Config.from_dict(json.loads((run / "config.json").read_text()))
-    transformer, text = train_v2.build_transformer(cfg), train_v2.build_text(cfg)
-    load_checkpoint(run / "transformer" / CHECKPOINT, {"ema_transformer": transformer, "ema_text": text.model}, None)
-    transformer.eval()
+    transformer, text, _ = train_v2.load_weights(cfg, run, weights)
     vae = WanVAE(train_v2.final_vae(cfg, run, decoder=True))
     steps = steps or cfg.inference_timesteps()
 
@@ -99,12 +96,13 @@ def main(argv=None) -> int:
     src.add_argument("--model", type=Path, help="exported tiny-world directory")
     p.add_argument("--seconds", type=float, default=5.0)
     p.add_argument("--guidance", type=float, nargs="+", default=[1.0], help="--run only: guidance scales")
+    p.add_argument("--weights", choices=("ema", "live"), default="ema", help="--run only: which weights")
     p.add_argument("--strip", type=Path, default=None, help="PNG of frame strips (one per prompt)")
     p.add_argument("--out", type=Path, default=None, help="CSV of the rows")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     tables = []
-    settings = [(g, run_sampler(args.run, g)) for g in args.guidance] if args.run else [(None, model_sampler(args.model))]
+    settings = [(g, run_sampler(args.run, g, weights=args.weights)) for g in args.guidance] if args.run else [(None, model_sampler(args.model))]
     for guidance, sample in settings:
         table, videos = probe(sample, args.seconds)
         table.insert(0, "guidance", guidance)

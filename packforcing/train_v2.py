@@ -184,15 +184,36 @@ def train_transformer(cfg: V2Config, out: Path, resume: bool, progress: bool = T
     return run_stage(stage, out / "transformer", loop, resume)
 
 
-def export(cfg: V2Config, out: Path, dest: Path, guidance_scale: float = 1.0) -> Path:
-    """A tiny-world directory (`packforcing.tiny_world` layout) from the EMA weights of a run."""
-    from .compressor import Compressor
-    from .tiny_world import PIPELINE_NAME, save_tiny_world
+def load_weights(cfg: V2Config, out: Path, weights: str = "ema"):
+    """(transformer, text encoder, step) of the transformer phase's checkpoint. ``weights="ema"``:
+    the EMA, bias-corrected — it started at the initial weights θ0 (rebuilt from the seed), so after
+    n updates EMA = dⁿ·θ0 + (1 − dⁿ)·(weighted mean of the live weights), and
+    (EMA − dⁿ·θ0) / (1 − dⁿ) removes the init (with d = 0.999 it still weighs 0.14 after 2,000
+    steps). ``"live"``: the optimised weights."""
     from .training.loop import CHECKPOINT, load_checkpoint
 
+    if weights not in ("ema", "live"):
+        raise ValueError(f"weights must be 'ema' or 'live', got {weights!r}")
     transformer, text = build_transformer(cfg), build_text(cfg)
-    step = load_checkpoint(out / "transformer" / CHECKPOINT, {"ema_transformer": transformer,
-                                                              "ema_text": text.model}, None)
+    init = [m.state_dict() for m in (build_transformer(cfg), build_text(cfg).model)]
+    prefix = "ema_" if weights == "ema" else ""
+    step = load_checkpoint(out / "transformer" / CHECKPOINT, {prefix + "transformer": transformer,
+                                                              prefix + "text": text.model}, None)
+    if weights == "ema" and step > 0:
+        keep = cfg.ema ** step
+        for module, theta0 in zip((transformer, text.model), init):
+            state = module.state_dict()
+            module.load_state_dict({k: (v - keep * theta0[k]) / (1 - keep) if v.is_floating_point() else v
+                                    for k, v in state.items()})
+    return transformer.eval(), text, step
+
+
+def export(cfg: V2Config, out: Path, dest: Path, guidance_scale: float = 1.0) -> Path:
+    """A tiny-world directory (`packforcing.tiny_world` layout) from the (bias-corrected) EMA weights."""
+    from .compressor import Compressor
+    from .tiny_world import PIPELINE_NAME, save_tiny_world
+
+    transformer, text, step = load_weights(cfg, out, "ema")
     world = world_spec(cfg.world)
     settings = {
         "name": f"{PIPELINE_NAME} · world {cfg.world}", "world": cfg.world, "height": world.height,

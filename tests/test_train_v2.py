@@ -141,10 +141,26 @@ def test_export_writes_a_loadable_tiny_world_from_the_ema_weights(toy_run, tmp_p
     assert settings["guidance_scale"] == 2.0
     pipe = load_tiny_world(dest)
     ckpt = load_file(str(tmp_path / "run" / "transformer" / "checkpoint.safetensors"))
-    for key, value in pipe.transformer.state_dict().items():
-        assert torch.equal(value, ckpt["model.ema_transformer." + key]), key
+    theta0 = train_v2.build_transformer(TOY).state_dict()
+    keep = TOY.ema ** 2
+    for key, value in pipe.transformer.state_dict().items():  # the bias-corrected EMA
+        expected = (ckpt["model.ema_transformer." + key] - keep * theta0[key]) / (1 - keep)
+        assert torch.allclose(value, expected, atol=1e-5), key
     video = pipe.generate(HELDOUT_V2[0], seconds=1, policy="window", seed=0)
     assert video.shape[1:] == (64, 64, 3)
+
+
+def test_bias_corrected_ema_of_one_step_is_the_live_weights(toy_run, tmp_path):
+    import shutil
+
+    shutil.copytree(toy_run, tmp_path / "run")
+    train_v2.train_transformer(dataclasses.replace(TOY, transformer_steps=1), tmp_path / "run", resume=False,
+                               progress=False)
+    ema, _, step = train_v2.load_weights(TOY, tmp_path / "run", "ema")
+    live, _, _ = train_v2.load_weights(TOY, tmp_path / "run", "live")
+    assert step == 1
+    for (k, a), b in zip(ema.state_dict().items(), live.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-4), k  # after one update EMA = d·θ0 + (1 − d)·θ1
 
 
 def test_probe_command_scores_a_run_on_the_heldout_prompts(toy_run, tmp_path):
