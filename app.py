@@ -16,6 +16,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no network calls o
 from packforcing import safety, studio  # noqa: E402, I001
 
 import html  # noqa: E402
+import inspect  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import gradio as gr  # noqa: E402
@@ -256,14 +257,22 @@ def _compare(request: gr.Request, *values):
 
 def _named(impl, names: list[str], name: str):
     """A generator handler with one named parameter per input, so the API reads
-    ``client.predict(prompt=..., seconds=..., api_name="/generate")`` instead of ``param_0``."""
-    params = ", ".join(names)
-    optional = ", ".join(f"{n}=None" for n in names)  # None: the component's initial value, or automatic
-    namespace = {"gr": gr, "impl": impl}
-    exec(f"def {name}(request: gr.Request, {optional}):\n    yield from impl(request, {params})\n", namespace)
-    fn = namespace[name]
-    fn.__doc__, fn.__module__ = impl.__doc__, __name__
-    return fn
+    ``client.predict(prompt=..., seconds=..., api_name="/generate")`` instead of ``param_0``.
+    The names come from an explicit ``__signature__`` (Gradio reads it with `inspect.signature`)."""
+
+    def handler(request: gr.Request, *values, **named):
+        values = list(values) + [None] * (len(names) - len(values))  # None: the initial value, or automatic
+        for i, key in enumerate(names):
+            if key in named:
+                values[i] = named[key]
+        yield from impl(request, *values)
+
+    request = inspect.Parameter("request", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=gr.Request)
+    params = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None) for n in names]
+    handler.__signature__ = inspect.Signature([request, *params])
+    handler.__name__ = handler.__qualname__ = name
+    handler.__doc__, handler.__module__ = impl.__doc__, __name__
+    return handler
 
 
 generate = _named(_generate, INPUTS, "generate")
@@ -294,11 +303,16 @@ def on_unload(request: gr.Request):
 
 def on_policy(policy):
     """Show the knobs of the chosen policy (with its defaults) and hide the others."""
-    knobs = studio.policy_knobs(policy)
+    knobs = studio.policy_knobs(policy, _block_frames())
     knob_updates = [gr.update(visible=name in knobs, value=knobs.get(name)) if name in knobs
                     else gr.update(visible=False) for name in KNOB_NAMES]
     return (POLICY_NOTES.get(policy, ""), gr.update(visible=studio.policy_compresses(policy)),
             gr.update(visible=has_advanced(policy)), *knob_updates)
+
+
+def _block_frames() -> int:
+    """Latent frames per block of the default model: knob defaults and slider steps follow it."""
+    return studio.get_pipeline(studio.DEFAULT_MODEL).block_frames
 
 
 def has_advanced(policy) -> bool:
@@ -332,10 +346,11 @@ def build_demo() -> gr.Blocks:
     pipe = studio.get_pipeline(studio.DEFAULT_MODEL)
     policies = studio.policy_names()
     default_policy = policies[0]
-    default_knobs = studio.policy_knobs(default_policy)
+    default_knobs = studio.policy_knobs(default_policy, pipe.block_frames)
     every_knob = {}
     for p in policies:
-        every_knob.update({k: v for k, v in studio.policy_knobs(p).items() if k not in every_knob})
+        every_knob.update({k: v for k, v in studio.policy_knobs(p, pipe.block_frames).items() if k not in every_knob})
+    specs = studio.knob_specs(pipe.block_frames)  # slider ranges and steps in whole blocks of this model
     layers = [("mean over layers", "mean")] + [(f"layer {i}", str(i)) for i in range(pipe.transformer.config.num_layers)]
     examples = load_examples()
     limit, shortest = studio.max_seconds(), studio.min_seconds()
@@ -379,12 +394,12 @@ def build_demo() -> gr.Blocks:
                     for name in KNOB_NAMES:
                         if not KNOBS[name].advanced:
                             knob_by_name[name] = knob_component(
-                                KNOBS[name], default_knobs.get(name, every_knob.get(name)), name in default_knobs)
+                                specs[name], default_knobs.get(name, every_knob.get(name)), name in default_knobs)
                     with gr.Accordion("Advanced", open=False, visible=has_advanced(default_policy)) as advanced:
                         for name in KNOB_NAMES:
                             if KNOBS[name].advanced:
                                 knob_by_name[name] = knob_component(
-                                    KNOBS[name], default_knobs.get(name, every_knob.get(name)),
+                                    specs[name], default_knobs.get(name, every_knob.get(name)),
                                     name in default_knobs)
                     knobs = [knob_by_name[name] for name in KNOB_NAMES]
                 with gr.Accordion("Model", open=False):

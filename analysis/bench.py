@@ -367,11 +367,10 @@ class BlockRun:
 
         self.pipe, self.spec, self.model_spec = pipe, spec, model_spec
         self.options = _resolve_options(spec, pipe)
-        self.policy, compressor = pipe.build_policy(spec.policy, None, None, **self.options)
+        self.policy, compressor = pipe.build_policy(spec.policy, **self.options)
         self.num_blocks = num_blocks
         self.device = pipe.transformer.device
-        self.forwards: list[tuple[str, int, int]] = []
-        self._hook()
+        self.steps = len(pipe.sampler.timesteps)
         self.swap = _CompileSwap(pipe.transformer, spec.compile)
         self.gen = generate_blocks(
             pipe.transformer, text, self.policy, num_blocks, pipe.latent_hw, pipe.sampler, seed=seed,
@@ -380,32 +379,19 @@ class BlockRun:
         self.rows: list[dict] = []
         self.done = False
 
-    def _hook(self):
-        policy, forwards = self.policy, self.forwards
-        context_for = policy.context_for
-
-        def hooked(layer, q, k, v):
-            keys, values = context_for(layer, q, k, v)
-            if layer == 0:
-                forwards.append(("block", q.shape[1], keys.shape[2]))
-            return keys, values
-
-        policy.context_for = hooked
-        if hasattr(policy, "compressed_context_for"):
-            compressed_context_for = policy.compressed_context_for
-
-            def hooked_c(layer, q, k, v):
-                keys, values = compressed_context_for(layer, q, k, v)
-                if layer == 0:
-                    forwards.append(("compressed", q.shape[1], keys.shape[2]))
-                return keys, values
-
-            policy.compressed_context_for = hooked_c
+    def forwards(self, plan) -> list[tuple[str, int, int]]:
+        """(stream, query tokens, attended keys) of every forward of a block, read from its plan:
+        ``steps`` denoising forwards and the commit pass, plus the compressed stream when it rides along."""
+        T = self.pipe.geometry().tokens_per_block
+        out = [("block", T, plan.attend_tokens)] * (self.steps + 1)
+        if plan.compress:
+            n_c = self.policy.compressed_tokens
+            out.append(("compressed", n_c, plan.attend_tokens + n_c))
+        return out
 
     def step(self) -> dict | None:
         if self.done:
             return None
-        self.forwards.clear()
         _sync(self.device)
         t0, c0 = time.perf_counter(), time.process_time()
         try:
@@ -425,13 +411,13 @@ class BlockRun:
     def _row(self, result, seconds: float, cpu: float) -> dict:
         spec, ms = self.spec, self.model_spec
         flops = attn = 0
-        for kind, n_q, ctx in self.forwards:
+        forwards = self.forwards(result.plan)
+        for kind, n_q, ctx in forwards:
             f = est.forward_flops(ms, n_q, ctx, embed=kind == "block")
             flops += sum(f.values())
             attn += f["self_attention"] + f["cross_attention"]
-        block_ctx = [c for kind, _, c in self.forwards if kind == "block"]
-        phases = dict(result.phases)
-        phases.update({k: float(v or 0.0) for k, v in self.policy.phase_seconds().items()})
+        block_ctx = [c for kind, _, c in forwards if kind == "block"]
+        phases = dict(result.phases)  # select / rope included (the store's clock)
         timed = sum(phases.get(p, 0.0) for p in ("denoise", "commit", "compress", "decode"))
         pixels = result.pixels.shape[2] if result.pixels is not None else 0
         peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
@@ -683,10 +669,11 @@ def micro_scoring(layers: int = 2, heads: int = 12, head_dim: int = 128, frame_h
                   top_k: int = 16, repeat: int = 5) -> dict:
     """Top-k scoring cost per layer, query subsample (paper: 256) vs all queries, at the given geometry.
 
-    Builds two `PackForcingCache`s (``score_queries`` 256 and all recent + current queries), fills their
-    archive with random K/V through the public lifecycle, then times, per layer, (a) the scoring
-    itself (query sample, candidate key sums re-rotated, logits; the policy's ``_scores``) and (b) the
-    whole first-step ``context_for`` of a new block (copy + scoring + gather + re-rotation).
+    Builds two PackForcing policies (``score_queries`` 256 and all recent + current queries), fills
+    their archive with random K/V through the public lifecycle (plan, apply, contexts, commit), then
+    times, per layer, (a) the scoring itself (query sample, candidate key sums re-rotated, logits; the
+    store's ``_scores``) and (b) the whole first step of a new block (scoring hook + gather +
+    re-rotation + ``update``).
     """
     from packforcing.cache import CacheGeometry, make_policy
     from packforcing.compressor import Compressor
@@ -703,41 +690,48 @@ def micro_scoring(layers: int = 2, heads: int = 12, head_dim: int = 128, frame_h
     k, v, q, kc = rnd(T), rnd(T), rnd(T), rnd(n_c)
     fill = 2 + 1 + archive_blocks  # sink + recent + archive
     variants = {"256": 256, "all": 2 * T}
-    policies = {}
+    runs = {}
     for name, n_q in variants.items():
         p = make_policy("packforcing", g, compressed_t_offsets=offsets, archive_blocks=archive_blocks, top_k=top_k,
                         score_queries=n_q)
-        p.reset(fill + 2)
-        for b in range(fill):
-            p.begin_block(b)
-            p.begin_step(0, True)
+        store = p.allocate(fill + 2)
+        for b in range(fill):  # commit passes only: fill sink, recent and archive
+            plan = p.plan(b)
+            store.apply(plan)
+            ctx = store.context(plan, 0, commit=True)
             for layer in range(layers):
-                p.context_for(layer, q, k, v)
-                if p.needs_compression(b):
-                    p.compressed_context_for(layer, kc, kc, kc)
-            p.commit()
-        p.begin_block(fill)
-        p.begin_step(0, False)
-        policies[name] = p
+                if ctx.wants_queries:
+                    ctx.score(layer, q)
+                ctx.update(layer, k, v)
+                if plan.compress:
+                    ctx.update_compressed(layer, kc, kc)
+            store.commit(plan)
+            p.commit(plan)
+        plan = p.plan(fill)
+        store.apply(plan)
+        runs[name] = (store, plan)
 
-    def scoring(p):
+    def scoring(run):
+        store, _ = run
         for layer in range(layers):
-            p._scores(layer, q)
+            store._scores(layer, q)
 
-    def first_step(p):
-        p.selected = [None] * layers  # force a new selection, as at the first step of a block
+    def first_step(run):  # a new selection, as at the first step of a block
+        store, plan = run
+        ctx = store.context(plan, 0)
         for layer in range(layers):
-            p.context_for(layer, q, k, v)
+            ctx.score(layer, q)
+            ctx.update(layer, k, v)
 
     times = {f"{what}_{name}": [] for name in variants for what in ("scoring", "first_step")}
     for fn, what in ((scoring, "scoring"), (first_step, "first_step")):
-        for name, p in policies.items():
-            fn(p)  # warm-up
+        for name, run in runs.items():
+            fn(run)  # warm-up
         for _ in range(repeat):
-            for name, p in policies.items():
+            for name, run in runs.items():
                 _sync(device)
                 t0 = time.perf_counter()
-                fn(p)
+                fn(run)
                 _sync(device)
                 times[f"{what}_{name}"].append(time.perf_counter() - t0)
     med = {k_: float(np.median(v_)) / layers for k_, v_ in times.items()}
@@ -750,8 +744,8 @@ def micro_scoring(layers: int = 2, heads: int = 12, head_dim: int = 128, frame_h
            # pend_q + recent_q (one recent block), float32, per layer
            "query_buffer_bytes_per_layer_256": 4 * 2 * 128 * hs * head_dim,
            "query_buffer_bytes_per_layer_all": 4 * 2 * T * hs * head_dim}
-    for p in policies.values():
-        p.release()
+    for store, _ in runs.values():
+        store.release()
     return out
 
 

@@ -242,101 +242,35 @@ def _build_policy(spec: ModelSpec, policy: str, options: dict):
     return make_policy(policy, spec.geometry(), compressed_t_offsets=offsets, **options)
 
 
-@dataclass
-class _Plan:
-    T: int
-    n_c: int
-    kind: str
-    sink: int = 0  # blocks
-    window: int = 0  # blocks (window / sink_window) or recent blocks (packforcing)
-    top_k: int = 0
-    capacity: int = 0
-    extra: dict = field(default_factory=dict)
-
-    # blocks committed before block b, split by partition (packforcing, deep_sink)
-    def _split(self, committed: int) -> tuple[int, int, int]:
-        sink = min(committed, self.sink)
-        recent = min(committed - sink, self.window)
-        archive = min(committed - sink - recent, self.capacity) if self.kind == "packforcing" else 0
-        return sink, recent, archive
-
-    def attended(self, b: int) -> int:
-        T = self.T
-        if self.kind == "full":
-            return (1 + b) * T
-        if self.kind == "window":
-            return (1 + min(b, self.window)) * T
-        if self.kind == "sink_window":
-            return (1 + min(b, self.sink + self.window)) * T
-        sink, recent, archive = self._split(b)
-        if self.kind == "deep_sink":
-            return (1 + sink + recent) * T + min(self.capacity, (b - sink - recent) * T)
-        return (1 + sink + recent) * T + min(self.top_k, archive) * self.n_c
-
-    def kv_tokens_after(self, b: int) -> int:
-        """`policy.kv_tokens()` after block ``b`` was committed (the sampler's record)."""
-        T, c = self.T, b + 1
-        if self.kind == "full":
-            return (c + 1) * T
-        if self.kind == "window":
-            return (min(c, self.window) + 1) * T
-        if self.kind == "sink_window":
-            held = min(c, self.sink) + min(max(0, c - self.sink), self.window)
-            return (held + 1) * T
-        sink, recent, archive = self._split(c)
-        if self.kind == "deep_sink":  # kept tokens (selected at block b) are the whole middle
-            s_b, r_b, _ = self._split(b)
-            return (1 + sink + recent) * T + min(self.capacity, (b - s_b - r_b) * T)
-        selected = min(self.top_k, self._split(b)[2])
-        return (1 + sink + recent) * T + (archive + recent + selected) * self.n_c
-
-    def compresses(self, b: int) -> bool:
-        return self.kind == "packforcing" and b >= self.sink
-
-
-def _plan(spec: ModelSpec, policy: str, options: dict) -> tuple[_Plan, Any]:
+def block_accounting(spec: ModelSpec, policy: str, options: dict, num_blocks: int) -> dict[str, list]:
+    """Run the pure policy over ``num_blocks`` plans (no tensors, no model): per block the attended
+    tokens (``plan.attend_tokens``), stored tokens after its commit, and whether it compresses."""
     if policy not in SUPPORTED_POLICIES:
         raise ValueError(f"no estimate for policy {policy!r}; supported: {', '.join(SUPPORTED_POLICIES)}")
     obj = _build_policy(spec, policy, options)
-    T, n_c = spec.tokens_per_block, spec.compressed_tokens
-    if policy == "full":
-        return _Plan(T, n_c, "full"), obj
-    if policy == "window":
-        return _Plan(T, n_c, "window", window=obj.window_blocks), obj
-    if policy == "sink_window":
-        return _Plan(T, n_c, "sink_window", sink=obj.sink_blocks, window=obj.window_blocks), obj
-    if policy == "deep_sink":  # capacity = kept tokens C; the archive of blocks is unbounded here
-        return _Plan(T, n_c, "deep_sink", sink=obj.n_sink, window=obj.n_recent, capacity=obj.keep), obj
-    c = obj.config
-    return _Plan(T, n_c, "packforcing", sink=obj.n_sink, window=obj.n_recent, top_k=c.top_k,
-                 capacity=c.archive_blocks), obj
+    obj.reset(num_blocks)
+    out: dict[str, list] = {"attended": [], "kv_tokens": [], "compresses": []}
+    for b in range(num_blocks):
+        plan = obj.plan(b)
+        obj.commit(plan)
+        out["attended"].append(plan.attend_tokens)
+        out["compresses"].append(plan.compress)
+        out["kv_tokens"].append(obj.kv_tokens())
+    return out
 
 
 def allocated_kv_bytes(spec: ModelSpec, policy: str, num_blocks: int, **options) -> dict[str, int]:
-    """Bytes the policy preallocates at ``reset(num_blocks)``: {"device": ..., "host": ...}.
+    """Bytes the policy's store preallocates for ``num_blocks``: {"device": ..., "host": ...}.
 
-    Mirrors `SlotCache.reset` / `PackForcingCache.reset` (KV buffers in the model dtype, scoring
-    buffers in float32).
-    """
-    plan, obj = _plan(spec, policy, options)
-    bpt, T = spec.bytes_per_token, spec.tokens_per_block
-    if plan.kind == "full":
-        return {"device": (1 + num_blocks) * T * bpt, "host": 0}
-    if plan.kind in ("window", "sink_window"):
-        return {"device": (1 + plan.sink + plan.window) * T * bpt, "host": 0}
-    if plan.kind == "deep_sink":  # workspace [current|sink|recent|kept C|incoming T]; index tables on the host
-        tokens = T * (2 + plan.sink + plan.window) + plan.capacity
-        return {"device": tokens * bpt, "host": 16 * spec.layers * plan.capacity}
-    c, n_c, g = obj.config, plan.n_c, spec.geometry()
-    ws = T * (1 + plan.sink + plan.window) + (c.top_k + 1) * n_c
-    device_tokens = ws + n_c + plan.window * n_c  # workspace + pending + recent backups
-    archive = c.archive_blocks * n_c * bpt
-    heads_s = len(range(0, g.num_heads, 2))
-    n_q = max(1, c.score_queries // (1 + plan.window))
-    f32 = 4 * g.num_layers * g.batch_size * heads_s * g.head_dim
-    scoring = f32 * (c.archive_blocks + n_q + plan.window * n_q)
-    on_host = c.archive_device is not None and str(c.archive_device) == "cpu"
-    return {"device": device_tokens * bpt + scoring + (0 if on_host else archive), "host": archive if on_host else 0}
+    The store is built on the meta device (nothing is allocated); buffers the config places in host
+    memory (PackForcing's ``archive_device="cpu"``) count as host."""
+    if policy not in SUPPORTED_POLICIES:
+        raise ValueError(f"no estimate for policy {policy!r}; supported: {', '.join(SUPPORTED_POLICIES)}")
+    store = _build_policy(spec, policy, options).allocate(num_blocks, device=torch.device("meta"))
+    out = {"device": 0, "host": 0}
+    for name, tensor in store.buffers().items():
+        out[store.placement(name)] += tensor.numel() * tensor.element_size()
+    return out
 
 
 # -- parameters --------------------------------------------------------------------------------------
@@ -389,11 +323,10 @@ def estimate(
     n = int(num_blocks) if num_blocks is not None else spec.num_blocks(seconds)
     if n <= 0:
         raise ValueError(f"num_blocks must be positive, got {n}")
-    plan, _ = _plan(spec, policy, options)
+    accounting = block_accounting(spec, policy, options, n)
     T, n_c, bpt = spec.tokens_per_block, spec.compressed_tokens, spec.bytes_per_token
-    attended = [plan.attended(b) for b in range(n)]
-    kv_tokens = [plan.kv_tokens_after(b) for b in range(n)]
-    per_block = [block_flops(spec, a, plan.compresses(b)) for b, a in enumerate(attended)]
+    attended, kv_tokens = accounting["attended"], accounting["kv_tokens"]
+    per_block = [block_flops(spec, a, c) for a, c in zip(attended, accounting["compresses"])]
     flops = [f["total"] for f in per_block]
     breakdown = {k: int(sum(f[k] for f in per_block)) for k in per_block[0] if k != "total"}
     alloc = allocated_kv_bytes(spec, policy, n, **options)

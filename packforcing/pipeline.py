@@ -20,6 +20,7 @@ import torch
 from diffusers import AutoencoderKLWan
 
 from .cache import POLICIES, CacheGeometry, make_policy
+from .cache.config import check_number, knob_kind
 from .compressor import Compressor
 from .configs import TINY
 from .model import CausalWanTransformer
@@ -33,19 +34,6 @@ COMPRESSOR_MODES = ("lr", "hr", "both")
 # any useful setting (1,024 latent frames = 4 min of 16 fps video; the default maximum video is 120 s)
 # and keep an absurd value from reaching an allocation; `Pipeline.check_cache_memory` then compares
 # what the settings would really allocate with the memory that is free.
-MAX_CACHE_FRAMES = 1024  # sink_frames, recent_frames, window_frames (latent frames)
-MAX_CACHE_BLOCKS = 1024  # top_k, archive_blocks (blocks)
-MAX_SCORE_QUERIES = 65536
-COUNT_OPTIONS = {
-    "sink_frames": (MAX_CACHE_FRAMES, "latent frames"),
-    "recent_frames": (MAX_CACHE_FRAMES, "latent frames"),
-    "window_frames": (MAX_CACHE_FRAMES, "latent frames"),
-    "top_k": (MAX_CACHE_BLOCKS, "blocks"),
-    "archive_blocks": (MAX_CACHE_BLOCKS, "blocks"),
-    "score_queries": (MAX_SCORE_QUERIES, "query tokens"),
-    "keep_tokens": (None, "tokens"),  # limit: MAX_CACHE_FRAMES frames' worth of tokens
-}
-FLAG_OPTIONS = ("rope_adjust",)
 MIN_COMPRESSED_LATENT = 8  # compressing policies: both compressor branches need latent frames >= 8x8
 MEMORY_HEADROOM = 0.9  # a cache may take at most this share of the free memory
 
@@ -213,30 +201,26 @@ class Pipeline:
     def check_policy_options(self, name, options: dict) -> dict:
         """Validate a policy name and the types and ranges of its options (before anything is built).
 
-        Counting options (frames, blocks, tokens) must be whole numbers in [0, limit] (see
-        `COUNT_OPTIONS`; 4.0 is taken as 4, 2.5 and True are refused); flags must be booleans.
-        Returns the options normalised. Whether a value fits the policy (whole blocks, at least one
-        block of window...) is checked by the policy itself."""
+        The limits live on the policy's config dataclass (field metadata, `packforcing.cache.config`):
+        counting options must be whole numbers in range (4.0 is taken as 4, 2.5 and True are
+        refused); flags must be booleans. Returns the options normalised. Whether a value fits the
+        policy (whole blocks, at least one block of window...) is checked by the policy itself."""
         if not isinstance(name, str) or name not in POLICIES:
             raise ValueError(f"unknown cache policy {name!r}; choose from {sorted(POLICIES)}")
+        fields = {f.name: f for f in dataclasses.fields(POLICIES[name].config_class)}
         out = {}
         for key, value in options.items():
-            if key in COUNT_OPTIONS:
+            f = fields.get(key)
+            kind = knob_kind(f) if f is not None else None
+            if kind in ("int", "float") and value is not None:
                 if isinstance(value, (float, np.floating)) and math.isfinite(value) and float(value).is_integer():
                     value = int(value)
-                if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-                    raise ValueError(f"{key} must be a whole number, got {value!r}")
-                value = int(value)
-                limit, unit = COUNT_OPTIONS[key]
-                if limit is None:
-                    limit = MAX_CACHE_FRAMES * self.geometry().tokens_per_frame
-                if value < 0:
-                    raise ValueError(f"{key} must be >= 0 {unit}, got {value}")
-                if value > limit:
-                    raise ValueError(f"{key}={value} is too large: at most {limit} {unit}")
-            elif key in FLAG_OPTIONS and not isinstance(value, (bool, np.bool_)):
+                if isinstance(value, np.integer):
+                    value = int(value)
+                check_number(f, value, self.geometry().tokens_per_frame)
+            elif kind == "bool" and not isinstance(value, (bool, np.bool_)):
                 raise ValueError(f"{key} must be true or false, got {value!r}")
-            out[key] = value
+            out[key] = bool(value) if kind == "bool" else value
         return out
 
     def cache_bytes(self, name: str, num_blocks: int, **options) -> int:
@@ -245,12 +229,9 @@ class Pipeline:
         from .compressor import Compressor as _Compressor
 
         offsets = _Compressor.token_centres(self.block_frames, *self.latent_hw)[0]
-        geometry = dataclasses.replace(self.geometry(), device=torch.device("meta"))
         options = {k: v for k, v in options.items() if k != "archive_device"}  # counted as device memory
-        policy = make_policy(name, geometry, compressed_t_offsets=offsets, **options)
-        with torch.device("meta"):
-            policy.reset(num_blocks)
-        return sum(t.numel() * t.element_size() for t in vars(policy).values() if isinstance(t, torch.Tensor))
+        policy = make_policy(name, self.geometry(), compressed_t_offsets=offsets, **options)
+        return policy.allocate(num_blocks, device=torch.device("meta")).nbytes()
 
     def check_cache_memory(self, name: str, num_blocks: int, **options) -> int:
         """Raise ValueError if the cache would take more than `MEMORY_HEADROOM` of the free memory
@@ -265,11 +246,15 @@ class Pipeline:
                 "archive, or a shorter video")
         return need
 
-    def build_policy(self, name: str, recorder=None, compressor_mode: str | None = None, **options):
+    def build_policy(self, name: str, _recorder=None, compressor_mode: str | None = None, **options):
+        """The pure policy ``name`` for this pipeline's geometry, and the compressor it uses.
+
+        The second positional argument is ignored (policies no longer report to a recorder; the
+        sampler does): it stays for existing callers."""
         options = self.check_policy_options(name, options)
         compressor = self.compressor_for(compressor_mode)
         offsets = compressor.token_centres(self.block_frames, *self.latent_hw)[0]
-        policy = make_policy(name, self.geometry(), recorder=recorder, compressed_t_offsets=offsets, **options)
+        policy = make_policy(name, self.geometry(), compressed_t_offsets=offsets, **options)
         if policy.compresses and min(self.latent_hw) < MIN_COMPRESSED_LATENT:
             side = MIN_COMPRESSED_LATENT * self.vae.spatial_ratio
             raise ValueError(f"cache policy {name!r} compresses blocks, which needs frames of at least {side}x{side} "
@@ -310,7 +295,7 @@ class Pipeline:
         seed = check_seed(seed)
         check_prompt(prompt)
         policy_options = self.check_policy_options(policy, policy_options)
-        cache, compressor = self.build_policy(policy, recorder, compressor_mode, **policy_options)
+        cache, compressor = self.build_policy(policy, compressor_mode=compressor_mode, **policy_options)
         self.check_cache_memory(policy, num_blocks, **policy_options)
         text = self.encode_prompt(prompt)
         if recorder is not None and recorder.enabled:
@@ -321,6 +306,7 @@ class Pipeline:
         return generate_blocks(
             self.transformer, text, cache, num_blocks, self.latent_hw, self.sampler, seed=seed,
             decoder=self.vae.streaming_decoder(), compressor=compressor, vae=self.vae, recorder=recorder,
+            fps=self.fps, temporal_ratio=self.vae.temporal_ratio,
         )
 
     def generate(self, prompt: str, seconds: float = 5.0, **kwargs) -> np.ndarray:

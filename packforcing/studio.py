@@ -267,18 +267,19 @@ def validate_request(
         raise StudioError(f"The seed must be a whole number between 0 and 2^63 - 1, got {shown(raw_seed)}.") from None
     if not isinstance(policy, str) or policy not in POLICIES:
         raise StudioError(f"Unknown cache policy {shown(policy)}; choose from {policy_names()}.")
+    model = model_key(model)
+    pipe = get_pipeline(model)
     accepted = introspect(policy)
-    chosen = {k: coerce_knob(policy, k, v, *accepted[k]) for k, v in (options or {}).items() if k in accepted}
-    chosen = {k: v for k, v in chosen.items() if v is not None}  # None = the policy's automatic default
+    chosen = {k: coerce_knob(policy, k, v, *accepted[k], block_frames=pipe.block_frames)
+              for k, v in (options or {}).items() if k in accepted}
+    chosen = {k: v for k, v in chosen.items() if v is not None}  # None = the policy's derived/automatic default
     if compressor_mode is not None and compressor_mode not in COMPRESSOR_MODES:
         raise StudioError(f"Unknown compressor branch {shown(compressor_mode)}; choose from {list(COMPRESSOR_MODES)}.")
     if not policy_compresses(policy):
         compressor_mode = None
-    model = model_key(model)
-    pipe = get_pipeline(model)
     try:
         num_blocks = pipe.num_blocks(seconds)
-        pipe.build_policy(policy, None, compressor_mode, **chosen)
+        pipe.build_policy(policy, compressor_mode=compressor_mode, **chosen)
         pipe.check_cache_memory(policy, num_blocks, **chosen)
     except (TypeError, ValueError) as err:
         raise StudioError(f"Cache policy {policy!r}: {err}") from None

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from analysis import estimate as est
-from packforcing.cache import make_policy
+from packforcing.cache import KVBuffer, make_policy
 from packforcing.compressor import Compressor
 
 TINY = est.PRESETS["tiny"]
@@ -100,21 +100,26 @@ def _rollout(policy, num_blocks: int, n_c: int, steps: int = 1):
 
     T = g.tokens_per_block
     attended, kv = [], []
-    policy.reset(num_blocks)
+    store = policy.allocate(num_blocks)
     for b in range(num_blocks):
-        policy.begin_block(b)
+        plan = policy.plan(b)
+        store.apply(plan)
         seen = set()
         for step in range(steps + 1):
             commit = step == steps
-            policy.begin_step(step, commit)
+            ctx = store.context(plan, step, commit)
             for layer in range(g.num_layers):
-                keys, _ = policy.context_for(layer, rnd(T), rnd(T), rnd(T))
+                q = rnd(T)
+                if ctx.wants_queries:
+                    ctx.score(layer, q)
+                keys, _ = ctx.update(layer, rnd(T), rnd(T))
                 seen.add(keys.shape[2])
                 if commit and policy.needs_compression(b):
-                    policy.compressed_context_for(layer, rnd(n_c), rnd(n_c), rnd(n_c))
+                    ctx.update_compressed(layer, rnd(n_c), rnd(n_c))
         assert len(seen) == 1  # every step and layer attends the same number of keys
         attended.append(seen.pop())
-        policy.commit()
+        store.commit(plan)
+        policy.commit(plan)
         kv.append(policy.kv_bytes())
     return attended, kv
 
@@ -154,13 +159,14 @@ def test_allocated_bytes_match_the_buffers(policy, options):
     spec = SMALL
     offsets = Compressor.token_centres(spec.block_frames, *spec.latent_hw)[0]
     obj = make_policy(policy, spec.geometry(), compressed_t_offsets=offsets, **options)
-    obj.reset(n)
-    constants = {"t_offsets", "score_heads"}  # small index/position tensors, not buffers
-    held = sum(t.numel() * t.element_size() for k, t in vars(obj).items()
-               if isinstance(t, torch.Tensor) and k not in constants)
+    store = obj.allocate(n)
+    constants = store.CONSTANTS  # small index/position tensors, not buffers
+    tensors = [t for k, t in vars(store).items() if isinstance(t, torch.Tensor) and k not in constants]
+    tensors += [t for b in vars(store).values() if isinstance(b, KVBuffer) for t in (b.keys, b.values) if t is not None]
+    held = sum(t.numel() * t.element_size() for t in tensors)
     alloc = est.allocated_kv_bytes(spec, policy, n, **options)
     assert alloc["device"] + alloc["host"] == held
-    assert alloc["host"] == (16 * spec.layers * obj.keep if policy == "deep_sink" else 0)
+    assert alloc["host"] == 0  # deep_sink's index tables now live on the device too (no host reads)
 
 
 def test_estimate_flops_use_the_attended_tokens():
