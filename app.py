@@ -37,7 +37,8 @@ POLICY_NOTES = {
     "packforcing": "**PackForcing** (this paper): sink + compressed top-k mid blocks + recent, "
                    "with temporal RoPE adjustment. Bounded memory at any length.",
     "sink_window": "**Sink + window** (LongLive, StreamingLLM): the first frames and a sliding window.",
-    "window": "**Window** (Self-Forcing `local_attn_size`): the last frames only, FIFO.",
+    "window": "**Window**: the last frames of history only, FIFO. Self-Forcing's `local_attn_size` also counts the "
+              "current block: window frames = local_attn_size − block frames.",
     "deep_sink": "**Deep sink** (Deep Forcing): a large sink + the top tokens by recent-query attention, "
                  "RoPE re-aligned, training-free.",
     "full": "**Full**: every block is kept; memory grows linearly with the video.",

@@ -82,6 +82,44 @@ class CacheAttnProcessor:
         return attn.to_out[1](attn.to_out[0](out))
 
 
+@dataclass
+class CrossKV:
+    """One layer's cross-attention keys and values of the prompt, [B, L, heads, head_dim]."""
+
+    key: torch.Tensor
+    value: torch.Tensor
+
+
+@dataclass
+class PromptContext:
+    """A prompt prepared once per generation: embedded text tokens [B, L, dim] and every layer's
+    cross-attention K/V (as the reference implementation caches them), reused by every forward."""
+
+    text_tokens: torch.Tensor
+    cross: list[CrossKV]
+
+
+class CrossAttnProcessor:
+    """Cross-attention (``attn2``) that reads the prompt's precomputed K/V from a `CrossKV`; any other
+    ``encoder_hidden_states`` (a tensor) goes to diffusers' own processor."""
+
+    _attention_backend = None
+    _parallel_config = None
+
+    def __init__(self):
+        self.stock = WanAttnProcessor()
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        if not isinstance(encoder_hidden_states, CrossKV):
+            self.stock._attention_backend = self._attention_backend
+            return self.stock(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
+        q = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
+        out = dispatch_attention_fn(q, encoder_hidden_states.key, encoder_hidden_states.value,
+                                    attn_mask=attention_mask, backend=self._attention_backend)
+        out = out.flatten(2, 3).type_as(q)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
 class CausalWanTransformer(WanTransformer3DModel):
     """`WanTransformer3DModel` with a block-causal, cache-aware forward. Same config and weights."""
 
@@ -97,6 +135,23 @@ class CausalWanTransformer(WanTransformer3DModel):
         if not isinstance(self.blocks[0].attn1.processor, CacheAttnProcessor):
             for block in self.blocks:
                 block.attn1.set_processor(CacheAttnProcessor(self.rope3d))
+        if not isinstance(self.blocks[0].attn2.processor, CrossAttnProcessor):
+            for block in self.blocks:
+                block.attn2.set_processor(CrossAttnProcessor())
+
+    def prompt_context(self, text: torch.Tensor) -> PromptContext:
+        """text [B, L, text_dim] -> the embedded prompt and every layer's cross-attention K/V, computed
+        once (text-to-video blocks; image-conditioned blocks keep recomputing through diffusers)."""
+        self._install_processors()
+        tokens = self.condition_embedder.text_embedder(text.to(self.dtype))
+        cross = []
+        for block in self.blocks:
+            attn = block.attn2
+            if attn.add_k_proj is not None:
+                return PromptContext(tokens, [])  # I2V: the stock processor splits image and text context
+            key = attn.norm_k(attn.to_k(tokens)).unflatten(2, (attn.heads, -1))
+            cross.append(CrossKV(key, attn.to_v(tokens).unflatten(2, (attn.heads, -1))))
+        return PromptContext(tokens, cross)
 
     # -- pieces ------------------------------------------------------------------------------
     def patchify(self, latents: torch.Tensor) -> torch.Tensor:
@@ -125,15 +180,19 @@ class CausalWanTransformer(WanTransformer3DModel):
         p_t, p_h, p_w = self.config.patch_size
         return frames // p_t, height // p_h, width // p_w
 
-    def conditions(self, timestep: torch.Tensor, text: torch.Tensor, tokens_per_step: int | None = None):
-        """timestep [B] or [B, N] (per token) -> (temb, modulation [B,6,D] or [B,N,6,D], text tokens)."""
+    def conditions(self, timestep: torch.Tensor, text, tokens_per_step: int | None = None):
+        """timestep [B] or [B, N] (per token) -> (temb, modulation [B,6,D] or [B,N,6,D], text tokens).
+        ``text``: [B, L, text_dim], or a `PromptContext` (its tokens are reused, not re-embedded)."""
+        prompt = text if isinstance(text, PromptContext) else None
+        if prompt is not None:
+            text = prompt.text_tokens.new_zeros(prompt.text_tokens.shape[0], 0, self.config.text_dim)  # time only
         seq = None
         if timestep.ndim == 2:
             seq = timestep.shape[1]
             timestep = timestep.flatten()
         temb, proj, text_tokens, _ = self.condition_embedder(timestep, text.to(self.dtype), None, timestep_seq_len=seq)
         proj = proj.unflatten(2, (6, -1)) if seq is not None else proj.unflatten(1, (6, -1))
-        return temb, proj, text_tokens
+        return temb, proj, (prompt.text_tokens if prompt is not None else text_tokens)
 
     def head(self, hidden: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         if temb.ndim == 3:  # per token
@@ -171,7 +230,7 @@ class CausalWanTransformer(WanTransformer3DModel):
         the store for this block's plan, ``step`` and ``commit``).
 
         latents [B, C, F, H, W] (normalised latents of the current block); timestep [B] (0..1000);
-        text [B, L, text_dim]; step: denoising step (the commit pass is the last); t_start: temporal
+        text [B, L, text_dim] or a `PromptContext` (cross-attention K/V computed once); step: denoising step (the commit pass is the last); t_start: temporal
         RoPE position of the block's first frame (latent frames, from the plan); commit: True for the
         clean pass at t = 0. compressed: optional tokens [B, N_c, dim] with positions [N_c, 3]
         (t, h, w) — only on the commit pass. Returns the flow prediction, same shape as ``latents``.
@@ -187,14 +246,16 @@ class CausalWanTransformer(WanTransformer3DModel):
         if compressed is not None:
             c_cos, c_sin = self.rope3d.cos_sin(compressed_positions, device=self.device)
             comp = compressed.to(self.dtype)
+        cross = text.cross if isinstance(text, PromptContext) and text.cross else None
         for layer, block in enumerate(self.blocks):
+            encoder = cross[layer] if cross is not None else text_tokens  # precomputed K/V, or the tokens
             call = AttentionCall(cos, sin, layer, context, "block")
-            hidden = block(hidden, text_tokens, modulation, call)
+            hidden = block(hidden, encoder, modulation, call)
             if comp is None:
                 continue
             if compressed_kv == "commit":
                 call = AttentionCall(c_cos, c_sin, layer, context, "compressed")
-                comp = block(comp, text_tokens, modulation, call)
+                comp = block(comp, encoder, modulation, call)
             elif compressed_kv == "projection":
                 self._project_compressed(block, layer, comp, modulation, c_cos, c_sin, context)
             else:

@@ -30,10 +30,9 @@ from .vae import WanVAE, tiny_vae_config
 DEFAULT_MAX_SECONDS = 120.0
 MAX_PROMPT_CHARS = 2000
 COMPRESSOR_MODES = ("lr", "hr", "both")
-# Policy options that count something must be whole numbers in [0, limit]. The limits are far beyond
-# any useful setting (1,024 latent frames = 4 min of 16 fps video; the default maximum video is 120 s)
-# and keep an absurd value from reaching an allocation; `Pipeline.check_cache_memory` then compares
-# what the settings would really allocate with the memory that is free.
+# Policy option limits live on the policies' config dataclasses (`packforcing.cache.config`);
+# `Pipeline.check_cache_memory` then compares what the settings would really allocate with the
+# memory that is free.
 MIN_COMPRESSED_LATENT = 8  # compressing policies: both compressor branches need latent frames >= 8x8
 MEMORY_HEADROOM = 0.9  # a cache may take at most this share of the free memory
 
@@ -159,6 +158,11 @@ class Pipeline:
     def block_frames(self) -> int:
         return self.sampler.block_frames
 
+    @property
+    def block_seconds(self) -> float:
+        """Seconds of video one block adds (after the first): temporal ratio × block frames / fps."""
+        return self.vae.temporal_ratio * self.block_frames / self.fps
+
     def geometry(self, batch_size: int = 1) -> CacheGeometry:
         cfg = self.transformer.config
         _, gh, gw = self.transformer.token_grid(1, *self.latent_hw)
@@ -183,7 +187,7 @@ class Pipeline:
             raise ValueError(f"duration must be a positive number of seconds, got {seconds:g}")
         if seconds > self.max_seconds:
             raise ValueError(f"duration {seconds:g} s exceeds the maximum of {self.max_seconds:g} s")
-        return max(1, round(seconds * self.fps / (4 * self.block_frames)))
+        return max(1, round(seconds * self.fps / (self.vae.temporal_ratio * self.block_frames)))
 
     def compressor_for(self, mode: str | None) -> Compressor:
         """The compressor in ``mode`` ('lr' = zero-shot, no trained weights; 'hr'/'both' need HR)."""
@@ -253,7 +257,7 @@ class Pipeline:
         sampler does): it stays for existing callers."""
         options = self.check_policy_options(name, options)
         compressor = self.compressor_for(compressor_mode)
-        offsets = compressor.token_centres(self.block_frames, *self.latent_hw)[0]
+        offsets = compressor.centres(self.block_frames, *self.latent_hw)[0]
         policy = make_policy(name, self.geometry(), compressed_t_offsets=offsets, **options)
         if policy.compresses and min(self.latent_hw) < MIN_COMPRESSED_LATENT:
             side = MIN_COMPRESSED_LATENT * self.vae.spatial_ratio

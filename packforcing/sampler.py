@@ -125,7 +125,8 @@ def generate_blocks(
         raise ValueError(f"policy {policy.name!r} needs a compressor")
     if decoder is not None:
         decoder.reset()
-    centres = compressor.token_centres(frames, h, w) if policy.compresses else None
+    centres = compressor.centres(frames, h, w) if policy.compresses else None
+    prompt = model.prompt_context(text)  # cross-attention K/V once per prompt, not per forward
     store = policy.allocate(num_blocks)
     recording = recorder is not None and recorder.enabled
     try:
@@ -142,7 +143,7 @@ def generate_blocks(
                     sigma = t / NUM_TRAIN_TIMESTEPS
                     t_tensor = torch.full((batch,), t, device=device)
                     context = store.context(plan, step)
-                    flow = model.forward_block(x, t_tensor, text, context, step=step, t_start=t_start)
+                    flow = model.forward_block(x, t_tensor, prompt, context, step=step, t_start=t_start)
                     x0 = x - sigma * flow
                     if step + 1 < len(timesteps):
                         next_sigma = timesteps[step + 1] / NUM_TRAIN_TIMESTEPS
@@ -166,7 +167,7 @@ def generate_blocks(
             with timer("commit"):
                 context = store.context(plan, len(timesteps), commit=True)
                 model.forward_block(
-                    x0, torch.zeros(batch, device=device), text, context, step=len(timesteps), t_start=t_start,
+                    x0, torch.zeros(batch, device=device), prompt, context, step=len(timesteps), t_start=t_start,
                     commit=True, compressed=tokens, compressed_positions=positions, compressed_kv=config.compressed_kv,
                 )
                 store.commit(plan)

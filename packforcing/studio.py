@@ -290,15 +290,20 @@ def gpu_duration(seconds: float, per_block: float = GPU_SECONDS_PER_BLOCK, overh
                  block_seconds: float = 1.0) -> int:
     """ZeroGPU seconds to request for a video of ``seconds``: overhead + blocks × per-block time × margin.
 
-    ``block_seconds`` is the video one block adds (4 latent frames = 16 pixel frames at 16 fps = 1 s).
+    ``block_seconds`` is the video one block adds (`Pipeline.block_seconds`: VAE temporal ratio ×
+    latent frames per block / fps; 4·4/16 = 1 s for 4-frame blocks at 16 fps).
     5 s -> 29 s, 60 s -> 128 s, 120 s -> 236 s (capped at 900 s).
     """
-    blocks = max(1, math.ceil(float(seconds) / block_seconds))
+    return blocks_gpu_duration(max(1, math.ceil(float(seconds) / block_seconds)), per_block, overhead)
+
+
+def blocks_gpu_duration(blocks: int, per_block: float = GPU_SECONDS_PER_BLOCK, overhead: float = GPU_OVERHEAD_S) -> int:
+    """ZeroGPU seconds to request for ``blocks`` blocks (see `gpu_duration`)."""
     return int(min(GPU_MAX_DURATION_S, math.ceil(overhead + blocks * per_block * GPU_MARGIN)))
 
 
 def _request_duration(request: RunRequest, *args, **kwargs) -> int:
-    return gpu_duration(request.seconds)
+    return blocks_gpu_duration(request.num_blocks)  # the model's own blocks (its fps, VAE ratio, block size)
 
 
 # ---- the GPU entry point -----------------------------------------------------------------------
@@ -326,12 +331,9 @@ def device_stream(request: RunRequest) -> Iterator[DeviceBlock]:
     recorder = TraceRecorder()
     blocks = pipe.stream(request.prompt, request.seconds, request.policy, request.seed, recorder,
                          request.compressor_mode, **request.options)
-    sent = dict.fromkeys(TABLES, 0)
     try:
         for block in blocks:
-            tables = recorder.tables()
-            delta = {name: df.iloc[sent[name]:].reset_index(drop=True) for name, df in tables.items()}
-            sent = {name: len(df) for name, df in tables.items()}
+            delta = recorder.new_rows()  # this block's rows only (not every table rebuilt)
             yield DeviceBlock(block.index, to_uint8(block.pixels), block.seconds, delta, dict(recorder.meta))
     finally:
         blocks.close()
