@@ -108,7 +108,9 @@ def check_paths(args) -> str | None:
 
 
 def generate(args) -> int:
-    from .pipeline import Pipeline, to_uint8, write_video
+    from .embedded import default_pipeline
+    from .pipeline import Pipeline
+    from .video import to_uint8, write_video
     from .trace import NullRecorder, TraceRecorder
 
     problem = check_paths(args)
@@ -122,7 +124,7 @@ def generate(args) -> int:
             pipe = Pipeline.from_pretrained(args.model, args.checkpoint, args.compressor_weights, args.height,
                                             args.width, device=args.device, dtype=dtype)
         else:
-            pipe = Pipeline.default()
+            pipe = default_pipeline()
     except (OSError, ValueError) as err:  # missing/corrupted weights, bad sizes
         print(f"error: {err}", file=sys.stderr)
         return 2

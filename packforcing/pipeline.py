@@ -1,4 +1,5 @@
 """The text-to-video pipeline: text encoder + causal transformer + cache policy + VAE + compressor.
+(Input checks live in `packforcing.inputs`, video arrays and files in `packforcing.video`.)
 
 `Pipeline.stream` is the generator a UI iterates (one `BlockResult` per block, with decoded
 pixels); `Pipeline.generate` collects it into a uint8 video. Durations map to blocks as
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import threading
 from pathlib import Path
 
@@ -23,12 +23,14 @@ from .cache import POLICIES, CacheGeometry, make_policy
 from .cache.config import check_number, knob_kind
 from .compressor import Compressor
 from .configs import TINY
+from .devices import available_memory
+from .inputs import MAX_PROMPT_CHARS, check_prompt, check_seed  # noqa: F401  (re-exported)
 from .model import CausalWanTransformer
 from .sampler import SamplerConfig, generate_blocks
 from .vae import WanVAE, tiny_vae_config
+from .video import to_uint8, write_video  # noqa: F401  (re-exported)
 
 DEFAULT_MAX_SECONDS = 120.0
-MAX_PROMPT_CHARS = 2000
 COMPRESSOR_MODES = ("lr", "hr", "both")
 # Policy option limits live on the policies' config dataclasses (`packforcing.cache.config`);
 # `Pipeline.check_cache_memory` then compares what the settings would really allocate with the
@@ -132,14 +134,6 @@ class Pipeline:
         pipe = cls(transformer.to(device), WanVAE(parts.vae.to(device)), text_encoder, compressor.to(device),
                    height, width, sampler=sampler, name=name, max_seconds=max_seconds, text_offload=offload)
         return pipe
-
-    @classmethod
-    def default(cls) -> "Pipeline":
-        """The embedded default model: the trained tiny world in ``assets/tiny-world`` when it is
-        there (see `packforcing.tiny_world`), else `tiny_random` (random weights, noise videos)."""
-        from .tiny_world import has_tiny_world, load_tiny_world
-
-        return load_tiny_world() if has_tiny_world() else cls.tiny_random()
 
     def to(self, device: str | torch.device, dtype: torch.dtype | None = None) -> "Pipeline":
         """Move the transformer (optionally cast to ``dtype``), VAE and compressor to ``device``.
@@ -316,66 +310,3 @@ class Pipeline:
     def generate(self, prompt: str, seconds: float = 5.0, **kwargs) -> np.ndarray:
         """Whole video as uint8 [T, H, W, 3]."""
         return np.concatenate([to_uint8(block.pixels) for block in self.stream(prompt, seconds, **kwargs)])
-
-
-def check_prompt(prompt) -> str:
-    """Any script works; empty prompts and prompts over `MAX_PROMPT_CHARS` characters are refused."""
-    if prompt is not None and not isinstance(prompt, str):
-        raise ValueError(f"prompt must be text, got {type(prompt).__name__}")
-    if not prompt or not prompt.strip():
-        raise ValueError("prompt is empty")
-    if len(prompt) > MAX_PROMPT_CHARS:
-        raise ValueError(f"prompt is too long: {len(prompt)} characters (at most {MAX_PROMPT_CHARS})")
-    return prompt
-
-
-def check_seed(seed) -> int:
-    """Seeds are integers in [0, 2**63)."""
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        if isinstance(seed, float) and seed.is_integer():
-            seed = int(seed)
-        else:
-            raise ValueError(f"seed must be an integer, got {seed!r}")
-    if not 0 <= int(seed) < 2**63:
-        raise ValueError(f"seed must be in [0, 2**63), got {seed}")
-    return int(seed)
-
-
-def available_memory(device) -> int | None:
-    """Free memory in bytes on ``device`` (CUDA: free + cached by PyTorch; CPU: MemAvailable), or None."""
-    device = torch.device(device)
-    try:
-        if device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(device)
-            return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
-        if device.type == "cpu":
-            with open("/proc/meminfo") as f:
-                for line in f:
-                    if line.startswith("MemAvailable:"):
-                        return int(line.split()[1]) * 1024
-    except (OSError, RuntimeError, ValueError):
-        pass
-    return None
-
-
-def to_uint8(pixels: torch.Tensor) -> np.ndarray:
-    """[1, 3, T, H, W] in [-1, 1] -> uint8 [T, H, W, 3]."""
-    x = ((pixels[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.permute(1, 2, 3, 0).cpu().numpy()
-
-
-def write_video(frames: np.ndarray, path: str | Path, fps: int = 16) -> Path:
-    """Write uint8 [T, H, W, 3] to an H.264 mp4 with imageio-ffmpeg (no resizing)."""
-    import imageio.v2 as imageio
-
-    # imageio-ffmpeg starts ffmpeg with preexec_fn, which can deadlock the child in a process with
-    # other threads (seen: a 20-minute hang); this switches that off.
-    os.environ.setdefault("IMAGEIO_FFMPEG_NO_PREVENT_SIGINT", "1")
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with imageio.get_writer(path, fps=fps, codec="libx264", macro_block_size=1, quality=8,
-                            pixelformat="yuv420p") as writer:
-        for frame in frames:
-            writer.append_data(frame)
-    return path

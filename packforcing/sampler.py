@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .devices import synchronize
+
 NUM_TRAIN_TIMESTEPS = 1000
 
 
@@ -65,11 +67,6 @@ class BlockResult:
     plan: object = None  # the block's `BlockPlan` (what was attended, where)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 class _Timer:
     def __init__(self, device, phases: dict):
         self.device, self.phases = device, phases
@@ -79,11 +76,11 @@ class _Timer:
 
         class _Ctx:
             def __enter__(self):
-                _sync(timer.device)
+                synchronize(timer.device)
                 self.t0 = time.perf_counter()
 
             def __exit__(self, *exc):
-                _sync(timer.device)
+                synchronize(timer.device)
                 timer.phases[name] = timer.phases.get(name, 0.0) + time.perf_counter() - self.t0
 
         return _Ctx()

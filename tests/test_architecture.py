@@ -15,7 +15,7 @@ from packforcing.cache import POLICIES, make_policy
 from packforcing.cache.plan import BlockPlan, MidSelection
 from packforcing.compressor import Compressor
 from packforcing.configs import TINY
-from packforcing.model import AttentionCall, CacheAttnProcessor, CausalWanTransformer
+from packforcing.model import AttentionCall, CacheAttnProcessor
 from packforcing.rope import Rope3D
 from packforcing.sampler import SamplerConfig, generate_blocks
 from packforcing.trace import TraceRecorder

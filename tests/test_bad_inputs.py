@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 
-from packforcing import safety, studio
+from packforcing import embedded, safety, studio
 from packforcing.__main__ import main
 from packforcing.cache import make_policy
 from packforcing.compressor import Compressor
@@ -81,7 +81,7 @@ def ctx(pipe, reference, tmp_path, monkeypatch):
             monkeypatch.delenv(name)
     monkeypatch.setenv(safety.MIN_SECONDS_ENV, "1")
     monkeypatch.setenv(safety.RUNS_DIR_ENV, str(tmp_path / "runs"))
-    monkeypatch.setattr(Pipeline, "default", classmethod(lambda cls: pipe))
+    monkeypatch.setattr(embedded, "default_pipeline", lambda: pipe)
     monkeypatch.setitem(studio._PIPELINES, studio.DEFAULT_MODEL, pipe)
     pipe.max_seconds = 120.0
     yield Ctx(pipe, reference, tmp_path)

@@ -63,13 +63,14 @@ def test_parameter_counts_and_bytes_per_token():
     assert params["vae"] == 126_892_531
     assert params["text_encoder"] == 5_680_910_336
     assert WAN.bytes_per_token == 184_320
+    from packforcing.embedded import default_pipeline
     from packforcing.pipeline import Pipeline
 
     pipe = Pipeline.tiny_random()  # the "tiny" preset: the tiny architecture with random weights
     assert est.parameter_counts(TINY)["transformer"] == sum(p.numel() for p in pipe.transformer.parameters())
     assert est.estimate(pipe, "full", 5, with_params=False)["kv_bytes"] == \
         est.estimate("tiny", "full", 5, with_params=False)["kv_bytes"]
-    for pipe in (pipe, Pipeline.default()):  # and whatever the embedded default model is
+    for pipe in (pipe, default_pipeline()):  # and whatever the embedded default model is
         spec = est.spec_from_pipeline(pipe)
         assert est.parameter_counts(spec)["transformer"] == sum(p.numel() for p in pipe.transformer.parameters())
         assert spec.tokens_per_block == pipe.geometry().tokens_per_block

@@ -17,7 +17,7 @@ import imageio_ffmpeg
 import pytest
 import torch
 
-from packforcing import safety, studio
+from packforcing import embedded, safety, studio
 from packforcing.__main__ import main
 from packforcing.pipeline import Pipeline
 from packforcing.trace import load_tables
@@ -154,7 +154,7 @@ def test_out_of_memory_ends_the_run_with_a_clear_message(env, pipe, policies, mo
 
 
 def test_cli_out_of_memory_writes_the_finished_blocks(env, pipe, monkeypatch, capsys):
-    monkeypatch.setattr(Pipeline, "default", classmethod(lambda cls: pipe))
+    monkeypatch.setattr(embedded, "default_pipeline", lambda: pipe)
     fail_at_block(monkeypatch, pipe, 1, torch.OutOfMemoryError("CUDA out of memory."))
     out = env / "cli.mp4"
     assert main(["generate", "--prompt", PROMPT, "--seconds", "3", "--policy", "window", "--out", str(out)]) == 1
