@@ -385,3 +385,37 @@ def test_window_maps_from_self_forcing_local_attn_size():
     assert window_from_local_attn_size(15, block_frames=3, sink_frames=3) == 9
     with pytest.raises(ValueError, match="leaves no history"):
         window_from_local_attn_size(6, block_frames=3, sink_frames=3)
+
+
+# -- files that do one job -----------------------------------------------------------------------
+def _imports(path) -> set[str]:
+    import ast
+
+    tree = ast.parse(path.read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            names.add(("." * node.level) + (node.module or ""))
+        elif isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+    return names
+
+
+def test_pipeline_and_tiny_world_import_one_way():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent / "packforcing"
+    assert not {n for n in _imports(root / "pipeline.py") if "tiny_world" in n or "embedded" in n}
+    assert ".pipeline" in _imports(root / "tiny_world.py")
+
+
+def test_cache_studio_and_bench_modules_stay_small():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    files = [*root.glob("packforcing/cache/*.py"), *root.glob("packforcing/studio/*.py"), *root.glob("analysis/bench*.py"),
+             *(root / p for p in ("app.py", "analysis/estimate.py", "analysis/model_spec.py", "packforcing/model.py",
+                                  "packforcing/sampler.py", "packforcing/pipeline.py", "packforcing/trace.py",
+                                  "packforcing/knobs.py"))]
+    sizes = {f.relative_to(root).as_posix(): len(f.read_text().splitlines()) for f in files}
+    assert len(sizes) >= 25 and max(sizes.values()) <= 400, {k: v for k, v in sizes.items() if v > 400}

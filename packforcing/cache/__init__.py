@@ -1,17 +1,16 @@
-"""Cache policies, swappable by name with `make_policy`: a pure policy, a store, a per-forward context.
+"""Cache policies by name (`make_policy`), each in three parts: pure policy, store, attention context.
 
-    policy (pure, no tensors)        store (preallocated K/V)          attention context
-    history metadata ──plan(b)──▶ BlockPlan ──apply──▶ rotations, index ──context(plan, step)──▶
-    sink/recent/archive lists     positions, layout,   tensors on the    update(layer, k, v) -> views
-                                  evictions, selection device            score(layer, q) at step 0
+    policy (no tensors)  --plan(b)-->  BlockPlan  --apply-->  store (preallocated K/V)
+      sink/recent/archive             regions, RoPE starts,      --context(plan, step)-->  AttentionContext
+      metadata, config                evictions, selection         score(layer, q) at step 0; update(layer, k, v)
 
 One block's life (the sampler owns it; nothing else changes the cache):
-    plan = policy.plan(b)          # where every held block sits, at which RoPE position; what leaves
-    store.apply(plan)              # re-rotate moved blocks; shared / fixed selections; index tensors
-    for step in steps + commit:    # each forward gets store.context(plan, step, commit)
-        model.forward_block(..., context)   # per layer: [score(q)], update(k, v) -> attend
-    store.commit(plan); policy.commit(plan)  # K/V into their region; metadata follows the plan
-    policy.record(recorder, plan, store.report(plan), steps)   # trace rows, after the block
+    plan = policy.plan(b)               # where every held block sits, at which position; what leaves
+    store.apply(plan)                   # re-rotate moved blocks; fixed/shared selection; index tensors
+    for step in (*steps, commit):       # one store.context(plan, step, commit) per forward
+        model.forward_block(..., ctx)   # each layer: [ctx.score(q)], ctx.update(k, v) -> attended K/V
+    store.commit(plan); policy.commit(plan)                     # K/V to their region; metadata follows
+    policy.record(recorder, plan, store.report(plan), steps)    # trace rows, read after the block
 """
 
 from __future__ import annotations

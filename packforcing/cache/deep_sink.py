@@ -64,14 +64,14 @@ class DeepSinkCache(SinkRecentPolicy):
 
     def plan(self, block: int) -> BlockPlan:
         self._start(block)
-        B, T, c = self.geometry.block_frames, self.geometry.tokens_per_block, self.config
-        moves, current = [], float(block * B)
+        block_frames, T, c = self.geometry.block_frames, self.geometry.tokens_per_block, self.config
+        moves, current = [], float(block * block_frames)
         if c.rope_adjust:
-            moves, current = self._reposition_recent(len(self.sink) * B + self._middle_span())
+            moves, current = self._reposition_recent(len(self.sink) * block_frames + self._middle_span())
         before = self.kept_tokens
         after = min(self.keep, before + T) if self.incoming is not None else before
-        selection = TokenSelection(self.incoming, before, after, float(len(self.sink) * B), self._middle_span(),
-                                   c.rope_adjust)
+        sink_end = float(len(self.sink) * block_frames)
+        selection = TokenSelection(self.incoming, before, after, sink_end, self._middle_span(), c.rope_adjust)
         self.kept_tokens = after
         attend = T * (1 + len(self.sink) + len(self.recent)) if self.middle_frames == 0 else self.kept_offset + after
         if len(self.sink) < self.n_sink:
@@ -107,27 +107,27 @@ class DeepSinkCache(SinkRecentPolicy):
     def record(self, recorder, plan, report, num_steps: int) -> None:
         """``report`` per layer: (scores, candidate frames, kept mask, kept frames, kept positions)."""
         super().record(recorder, plan, report, num_steps)
-        B, b = self.geometry.block_frames, plan.block
+        block_frames, b = self.geometry.block_frames, plan.block
         for layer, (scores, frames, kept_mask, kept_frames, kept_pos) in enumerate(report):
             per_block: dict[int, list] = {}
             for score, frame, kept in zip(scores, frames, kept_mask):
-                entry = per_block.setdefault(frame // B, [0.0, False])
+                entry = per_block.setdefault(frame // block_frames, [0.0, False])
                 entry[0] += score
                 entry[1] = entry[1] or kept
             if per_block:
                 keys = sorted(per_block)
-                recorder.mid_scores(b, layer, keys, [k * B for k in keys], [(k + 1) * B for k in keys],
-                                    [per_block[k][0] for k in keys], [per_block[k][1] for k in keys])
+                recorder.mid_scores(b, layer, keys, [k * block_frames for k in keys],
+                                    [(k + 1) * block_frames for k in keys], [per_block[k][0] for k in keys],
+                                    [per_block[k][1] for k in keys])
             for region, h in plan.held:
                 if region == "sink":
-                    recorder.positions(b, layer, "sink", h.block, h.block * B, (h.block + 1) * B, float(h.block * B), h.pos)
+                    self._record_position(recorder, b, layer, "sink", h.block, h.pos)
             first: dict[int, float] = {}
             for frame, pos in zip(kept_frames, kept_pos):
-                first[frame // B] = min(pos, first.get(frame // B, math.inf))
+                first[frame // block_frames] = min(pos, first.get(frame // block_frames, math.inf))
             for blk in sorted(first):
-                recorder.positions(b, layer, "mid_selected", blk, blk * B, (blk + 1) * B, float(blk * B), first[blk])
+                self._record_position(recorder, b, layer, "mid_selected", blk, first[blk])
             for region, h in plan.held:
                 if region == "recent":
-                    recorder.positions(b, layer, "recent", h.block, h.block * B, (h.block + 1) * B, float(h.block * B),
-                                       h.pos)
-            recorder.positions(b, layer, "current", b, b * B, (b + 1) * B, float(b * B), plan.current_pos)
+                    self._record_position(recorder, b, layer, "recent", h.block, h.pos)
+            self._record_position(recorder, b, layer, "current", b, plan.current_pos)

@@ -15,7 +15,7 @@ are overwritten and the backup joins the archive.
 Temporal RoPE adjustment (``rope_adjust``): the kept blocks get contiguous temporal positions —
 sink at [0, S), the selected mid blocks after it (``mid_span`` positions each), then recent, then the
 current block. RoPE is relative, so this equals the paper's Fig. 2(c) anchoring at the recent end
-up to one constant shift, and keeps every position below ``S + k·span + R + B`` at any video length.
+up to one constant shift, and keeps every position below ``S + k·span + R + B_f`` at any video length.
 With the adjustment off, keys keep the absolute positions they were committed at (the ablation).
 """
 
@@ -97,20 +97,21 @@ class PackForcingCache(SinkRecentPolicy):
     # -- planning ------------------------------------------------------------------------------
     def plan(self, block: int) -> BlockPlan:
         self._start(block)
-        B, T, n_c, c = self.geometry.block_frames, self.geometry.tokens_per_block, self.compressed_tokens, self.config
+        block_frames, T, c = self.geometry.block_frames, self.geometry.tokens_per_block, self.config
+        n_compressed = self.compressed_tokens
         self.n_selected = k = min(c.top_k, len(self.archive))
-        moves, current = [], float(block * B)
+        moves, current = [], float(block * block_frames)
         if c.rope_adjust:  # recent keeps contiguous positions after the mid
-            moves, current = self._reposition_recent(len(self.sink) * B + k * self.span)
+            moves, current = self._reposition_recent(len(self.sink) * block_frames + k * self.span)
         selection = None
         if self.archive:
-            sink_end = len(self.sink) * B
+            sink_end = len(self.sink) * block_frames
             shift = (len(self.archive) - k) * self.span  # Fig. 2c-i: every candidate placed, anchored at recent
             selection = MidSelection(
                 tuple(self.archive), k, c.selection, c.scope,
                 starts=tuple(float(sink_end + i * self.span) for i in range(k)),
                 scoring_starts=tuple(float(sink_end - shift + j * self.span) for j in range(len(self.archive))))
-        attend = self.mid_offset + k * n_c if self.archive else T * (1 + len(self.sink) + len(self.recent))
+        attend = self.mid_offset + k * n_compressed if self.archive else T * (1 + len(self.sink) + len(self.recent))
         self.current = BlockPlan(block, current, attend, self.occupancy(), self._held(), self._commit_plan(),
                                  tuple(moves), self.needs_compression(block), selection)
         return self.current
@@ -145,11 +146,11 @@ class PackForcingCache(SinkRecentPolicy):
 
     # -- reporting ------------------------------------------------------------------------------
     def occupancy(self) -> dict[str, int]:
-        T, n_c = self.geometry.tokens_per_block, self.compressed_tokens
+        T, n_compressed = self.geometry.tokens_per_block, self.compressed_tokens
         return {
             "sink": len(self.sink) * T,
-            "mid_archive": (len(self.archive) + len(self.recent)) * n_c,  # archive + recent backups
-            "mid_selected": self.n_selected * n_c,
+            "mid_archive": (len(self.archive) + len(self.recent)) * n_compressed,  # archive + recent backups
+            "mid_selected": self.n_selected * n_compressed,
             "recent": len(self.recent) * T,
             "current": T if self.block_index >= 0 else 0,
         }
@@ -173,7 +174,7 @@ class PackForcingCache(SinkRecentPolicy):
 
     def record(self, recorder, plan, report, num_steps: int) -> None:
         super().record(recorder, plan, report, num_steps)
-        B = self.geometry.block_frames
+        block_frames = self.geometry.block_frames
         for layer in range(self.geometry.num_layers):
             chosen = []
             if plan.selection is not None:
@@ -181,9 +182,9 @@ class PackForcingCache(SinkRecentPolicy):
                 scores, index = report[layer]
                 chosen = [cands[i] for i in index]
                 picked = set(index)
-                recorder.mid_scores(plan.block, layer, [h.block for h in cands], [h.block * B for h in cands],
-                                    [(h.block + 1) * B for h in cands],
+                recorder.mid_scores(plan.block, layer, [h.block for h in cands],
+                                    [h.block * block_frames for h in cands], [(h.block + 1) * block_frames for h in cands],
                                     scores if scores is not None else [float("nan")] * len(cands),
                                     [i in picked for i in range(len(cands))])
             for region, block, pos in self.positions(plan, chosen):
-                recorder.positions(plan.block, layer, region, block, block * B, (block + 1) * B, float(block * B), pos)
+                self._record_position(recorder, plan.block, layer, region, block, pos)

@@ -28,13 +28,13 @@ class PackForcingStore(CacheStore):
 
     def __init__(self, policy, geometry):
         super().__init__(geometry)
-        g, c, n_c = geometry, policy.config, policy.compressed_tokens
+        g, c, n_compressed = geometry, policy.config, policy.compressed_tokens
         self.policy = policy
         self.workspace = KVBuffer(g, policy.workspace_tokens)
-        self.pending = KVBuffer(g, n_c)
-        self.backups = KVBuffer(g, policy.n_recent * n_c)
+        self.pending = KVBuffer(g, n_compressed)
+        self.backups = KVBuffer(g, policy.n_recent * n_compressed)
         archive_device = g.device if g.device.type == "meta" else c.archive_device  # meta: sizes only
-        self.archive = KVBuffer(g, c.archive_blocks * n_c, device=archive_device)
+        self.archive = KVBuffer(g, c.archive_blocks * n_compressed, device=archive_device)
         self.score_heads = torch.arange(0, g.num_heads, 2, device=g.device)  # half of the heads, evenly spread
         heads = len(self.score_heads)
         self.archive_key_sums = torch.zeros(g.num_layers, g.batch_size, heads, c.archive_blocks, g.head_dim,
@@ -52,7 +52,8 @@ class PackForcingStore(CacheStore):
         self.scores: list[torch.Tensor | None] = []
 
     def placement(self, name: str) -> str:
-        on_host = self.policy.config.archive_device is not None and torch.device(self.policy.config.archive_device).type == "cpu"
+        device = self.policy.config.archive_device
+        on_host = device is not None and torch.device(device).type == "cpu"
         return "host" if on_host and name.startswith("archive.") else "device"
 
     # -- per block -----------------------------------------------------------------------------
@@ -73,7 +74,8 @@ class PackForcingStore(CacheStore):
         self.candidate_token_slots = self.candidate_slots.to(self.archive.keys.device)
         self.candidate_commit_pos = torch.tensor([h.pos for h in sel.candidates], dtype=torch.float64, device=device)
         self.starts = torch.tensor(sel.starts, dtype=torch.float64, device=device)
-        self.scoring_delta = torch.tensor(sel.scoring_starts, dtype=torch.float64, device=device) - self.candidate_commit_pos
+        scoring_starts = torch.tensor(sel.scoring_starts, dtype=torch.float64, device=device)
+        self.scoring_delta = scoring_starts - self.candidate_commit_pos
         recent = [h.slot for region, h in plan.held if region == "recent"]
         self.recent_slots = torch.tensor(recent, dtype=torch.long, device=device)
         if not sel.scored:  # recency ablation: the k newest
@@ -115,9 +117,9 @@ class PackForcingStore(CacheStore):
 
     def update_compressed(self, plan, layer, k, v):
         self.write_compressed(layer, k, v)
-        end, n_c = plan.attend_tokens, self.policy.compressed_tokens
-        self.workspace.copy_layer(layer, self.pending, 0, end, n_c)
-        return self.workspace.view(layer, end + n_c)
+        end, n_compressed = plan.attend_tokens, self.policy.compressed_tokens
+        self.workspace.copy_layer(layer, self.pending, 0, end, n_compressed)
+        return self.workspace.view(layer, end + n_compressed)
 
     # -- selection -----------------------------------------------------------------------------
     def _query_sample(self, q: torch.Tensor) -> torch.Tensor:
@@ -148,34 +150,35 @@ class PackForcingStore(CacheStore):
         n = plan.selection.count
         if n == 0:
             return
-        p, n_c, B = self.policy, self.policy.compressed_tokens, self.geometry.block_frames
+        p, n_compressed, block_frames = self.policy, self.policy.compressed_tokens, self.geometry.block_frames
         with self.clock("rope"):
-            arange = torch.arange(n_c, device=self.archive.keys.device)
-            src = (self.candidate_token_slots[index.to(self.archive.keys.device)][:, None] * n_c + arange).flatten()
+            arange = torch.arange(n_compressed, device=self.archive.keys.device)
+            slots = self.candidate_token_slots[index.to(self.archive.keys.device)]
+            src = (slots[:, None] * n_compressed + arange).flatten()
             self.workspace.gather_from(layer, self.archive, src, p.mid_offset)
             if p.config.rope_adjust:
                 old = self.candidate_commit_pos[index]
-                delta = self.starts[:, None] + self.t_offsets * (p.span / B) - old[:, None] - self.t_offsets
-                self.workspace.rotate(self.rope, p.mid_offset, n * n_c, delta.flatten(), layer=layer)
+                delta = self.starts[:, None] + self.t_offsets * (p.span / block_frames) - old[:, None] - self.t_offsets
+                self.workspace.rotate(self.rope, p.mid_offset, n * n_compressed, delta.flatten(), layer=layer)
 
     # -- commit ---------------------------------------------------------------------------------
     def commit(self, plan) -> None:
-        p, c, T, n_c = self.policy, plan.commit, self.geometry.tokens_per_block, self.policy.compressed_tokens
+        p, c, T, n_compressed = self.policy, plan.commit, self.geometry.tokens_per_block, self.policy.compressed_tokens
         if c.region == "sink":
             self.workspace.copy_from(self.workspace, 0, p.sink_offset + c.slot * T, T)
         elif c.region == "archive":
             self._archive_push(self.pending, 0, c.archive_slot)
         else:
             if c.evicted is not None:
-                self._archive_push(self.backups, c.evicted.slot * n_c, c.archive_slot)
+                self._archive_push(self.backups, c.evicted.slot * n_compressed, c.archive_slot)
             self.workspace.copy_from(self.workspace, 0, p.recent_offset + c.slot * T, T)
-            self.backups.copy_from(self.pending, 0, c.slot * n_c, n_c)
+            self.backups.copy_from(self.pending, 0, c.slot * n_compressed, n_compressed)
             self.recent_queries[:, :, c.slot].copy_(self.pending_queries)
 
     def _archive_push(self, src: KVBuffer, start: int, slot: int) -> None:
-        n_c = self.policy.compressed_tokens
-        self.archive.copy_from(src, start, slot * n_c, n_c)
-        keys = src.keys[:, :, :, start : start + n_c].index_select(2, self.score_heads).float()
+        n_compressed = self.policy.compressed_tokens
+        self.archive.copy_from(src, start, slot * n_compressed, n_compressed)
+        keys = src.keys[:, :, :, start : start + n_compressed].index_select(2, self.score_heads).float()
         if self.corrects_scores:
             self.rope.rotate_temporal_(keys, self.score_correction.to(keys.device))
         self.archive_key_sums[:, :, :, slot].copy_(keys.sum(dim=3))

@@ -2,7 +2,7 @@
 
 Lifecycle (the sampler drives it)::
 
-    policy.reset(max_blocks); store = policy.allocate(max_blocks)
+    store = policy.allocate(max_blocks)     # resets the policy; preallocates the store
     for block in range(num_blocks):
         plan = policy.plan(block)          # positions, layout, what is evicted / archived / selected
         store.apply(plan)                  # re-rotations, per-block index tensors (on the device)
@@ -90,6 +90,12 @@ class CachePolicy:
         """Upper bound of `kv_tokens` at any length (None = unbounded)."""
         return None
 
+    def _record_position(self, recorder, block: int, layer: int, region: str, source: int, pos: float) -> None:
+        """One ``positions`` row: ``source`` block's frame span, its natural start and its start now."""
+        frames = self.geometry.block_frames
+        recorder.positions(block, layer, region, source, source * frames, (source + 1) * frames,
+                           float(source * frames), pos)
+
     def record(self, recorder, plan: BlockPlan, report, num_steps: int) -> None:
         """Write the block's rows (occupancy per step and layer; scores and positions where the
         policy selects) from its plan and the store's `report`. Called after the block."""
@@ -113,13 +119,13 @@ class SinkRecentPolicy(CachePolicy):
     def _reposition_recent(self, base: float) -> tuple[list[Move], float]:
         """Recent blocks at contiguous positions from ``base``; returns the moves and the current
         block's start."""
-        B, moves = self.geometry.block_frames, []
+        block_frames, moves = self.geometry.block_frames, []
         for i, held in enumerate(self.recent):
-            new = float(base + i * B)
+            new = float(base + i * block_frames)
             if new != held.pos:
                 moves.append(Move("recent", held.slot, new - held.pos))
                 self.recent[i] = Held(held.block, held.slot, new, held.commit_pos)
-        return moves, float(base + len(self.recent) * B)
+        return moves, float(base + len(self.recent) * block_frames)
 
     def _held(self) -> tuple[tuple[str, Held], ...]:
         return tuple([("sink", h) for h in self.sink] + [("recent", h) for h in self.recent])

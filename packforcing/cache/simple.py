@@ -76,12 +76,12 @@ class SlotPolicy(CachePolicy):
 
     def plan(self, block: int) -> BlockPlan:
         self._start(block)
-        B, T = self.geometry.block_frames, self.geometry.tokens_per_block
+        block_frames, T = self.geometry.block_frames, self.geometry.tokens_per_block
         slot = self.slot_of(block)
-        held = tuple(("sink" if b < self.sink_blocks else "recent", Held(b, s, float(b * B), float(b * B)))
-                     for s, b in sorted(((s, b) for s, b in enumerate(self.slot_blocks) if b is not None),
-                                        key=lambda sb: sb[1]))
-        self.current = BlockPlan(block, float(block * B), (1 + self.filled) * T, self.occupancy(), held,
+        by_block = sorted((b, s) for s, b in enumerate(self.slot_blocks) if b is not None)
+        starts = {b: float(b * block_frames) for b, _ in by_block}  # absolute positions
+        held = tuple(("sink" if b < self.sink_blocks else "recent", Held(b, s, starts[b], starts[b])) for b, s in by_block)
+        self.current = BlockPlan(block, float(block * block_frames), (1 + self.filled) * T, self.occupancy(), held,
                                  CommitPlan("slot", slot))
         return self.current
 
