@@ -60,11 +60,11 @@ class ModelSpec:
 
     @property
     def tokens_per_frame(self) -> int:
-        return self.frame_hw[0] * self.frame_hw[1]
+        return self.geometry().tokens_per_frame
 
     @property
     def tokens_per_block(self) -> int:
-        return self.block_frames * self.tokens_per_frame
+        return self.geometry().tokens_per_block
 
     @property
     def compressed_tokens(self) -> int:
