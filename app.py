@@ -1,4 +1,5 @@
-"""PackForcing Studio: the Gradio app (UI wiring only; the run logic is in packforcing/studio.py).
+"""PackForcing Studio: the Gradio app (UI wiring only; the run logic is in packforcing/studio/, the page's
+HTML and figures in packforcing/studio/view.py).
 
 Run ``python app.py`` and open http://127.0.0.1:7860 (``GRADIO_SERVER_NAME`` /
 ``GRADIO_SERVER_PORT`` are respected). The limits a Space operator can set (maximum duration,
@@ -16,31 +17,16 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no network calls o
 from packforcing import safety, studio  # noqa: E402, I001
 
 import html  # noqa: E402
+import inspect  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import gradio as gr  # noqa: E402
 
-from analysis.figures import (
-    cache_occupancy_figure,
-    compare_figure,
-    latency_memory_figure,
-    rope_position_figure,
-    summary_table,
-    topk_heatmap_figure,
+from analysis.figures import compare_figure, summary_table
+from packforcing.studio.view import (  # the page's HTML and figures (no Gradio)
+    IDLE, POLICY_NOTES, latency_plot, load_examples, model_note, occupancy_plot, progress_html, rope_plot,
+    summary_frame, topk_plot, update_html,
 )
-
-ROOT = Path(__file__).resolve().parent
-EXAMPLES_FILE = ROOT / "assets" / "example_prompts.txt"
-
-POLICY_NOTES = {
-    "packforcing": "**PackForcing** (this paper): sink + compressed top-k mid blocks + recent, "
-                   "with temporal RoPE adjustment. Bounded memory at any length.",
-    "sink_window": "**Sink + window** (LongLive, StreamingLLM): the first frames and a sliding window.",
-    "window": "**Window** (Self-Forcing `local_attn_size`): the last frames only, FIFO.",
-    "deep_sink": "**Deep sink** (Deep Forcing): a large sink + the top tokens by recent-query attention, "
-                 "RoPE re-aligned, training-free.",
-    "full": "**Full**: every block is kept; memory grows linearly with the video.",
-}
 
 CSS = """
 .pf-progress {padding: 6px 2px;}
@@ -52,91 +38,6 @@ CSS = """
 """
 THEME = gr.themes.Soft(primary_hue="indigo", secondary_hue="emerald")
 LAUNCH_KWARGS = {"theme": THEME, "css": CSS}
-
-
-def load_examples() -> list[str]:
-    if not EXAMPLES_FILE.exists():
-        return []
-    return [line.strip() for line in EXAMPLES_FILE.read_text().splitlines() if line.strip()]
-
-
-def progress_html(fraction: float, text: str, state: str = "") -> str:
-    pct = max(0.0, min(1.0, fraction)) * 100
-    return (f'<div class="pf-progress"><div class="pf-bar"><div class="pf-fill {state}" '
-            f'style="width:{pct:.1f}%"></div></div><div class="pf-text">{html.escape(text)}</div></div>')
-
-
-IDLE = progress_html(0, "Ready. Enter a prompt and press Generate.")
-
-
-def model_note(name: str) -> str:
-    """What a visitor should expect from the embedded model (honest, one sentence or two)."""
-    if "random" in name:
-        return ("Its weights are random, so videos look like noise; the cache behaviour, timings and "
-                "analysis are real.")
-    if "tiny-world" in name:
-        return ("A 5-million-parameter model trained here on a CPU, on 5-second clips of bouncing shapes: it "
-                "draws the prompted background and moving blobs, often not in the prompted colours and not "
-                "yet as clean shapes (see docs/tiny_world.md). The cache behaviour, timings and analysis are real.")
-    return ""
-
-
-def update_html(update: studio.Update, prefix: str = "") -> str:
-    text = prefix + update.progress_text()
-    if update.kind == "block":
-        return progress_html(update.fraction, "Generating… " + text)
-    if update.kind == "error":
-        return progress_html(update.fraction, f"Error: {update.message} ({text})", "pf-error")
-    if update.stopped:
-        return progress_html(update.fraction, f"Stopped: kept {text}", "pf-stopped")
-    return progress_html(1.0, f"Done in {update.elapsed:.1f} s: {text}")
-
-
-# ---- analysis figures --------------------------------------------------------------------------
-def _layer(value) -> int | None:
-    return None if value in (None, "", "mean") else int(value)
-
-
-def _fit(fig):
-    """Half-width panels: smaller titles and axis titles so the figures' long titles fit."""
-    fig.update_layout(title=dict(font=dict(size=13)), margin=dict(l=50, r=20, t=60, b=50))
-    fig.update_xaxes(title_font=dict(size=11))
-    fig.update_yaxes(title_font=dict(size=11))
-    return fig
-
-
-def occupancy_plot(tables, layer="mean", unit="tokens"):
-    return _fit(cache_occupancy_figure((tables or {}).get("occupancy"), _layer(layer), unit))
-
-
-def topk_plot(tables, layer="mean", fps=16):
-    fig = _fit(topk_heatmap_figure((tables or {}).get("scores"), _layer(layer), fps=fps))
-    heat = next((t for t in fig.data if t.type == "heatmap"), None)
-    if heat is not None:  # block indices are integers: no 3.6, 3.8, … ticks on short runs
-        for axis, values in (("xaxis", heat.x), ("yaxis", heat.y)):
-            if values is not None and len(values) <= 24:
-                fig.update_layout({axis: dict(tickmode="array", tickvals=list(values))})
-    return fig
-
-
-def rope_plot(tables, block=None, layer="0"):
-    positions = (tables or {}).get("positions")
-    if positions is not None and len(positions) and block is not None:
-        block = min(int(block), int(positions["block"].max()))
-    return _fit(rope_position_figure(positions, None if block is None else int(block), _layer(layer) or 0))
-
-
-def latency_plot(tables):
-    tables = tables or {}
-    return _fit(latency_memory_figure(tables.get("blocks"), tables.get("timing")))
-
-
-def summary_frame(update: studio.Update):
-    table = summary_table({update.request.policy: {**update.tables, "meta": update.meta}})
-    keep = [c for c in ("run", "blocks", "video_seconds", "total_seconds", "mean_block_seconds",
-                        "latency_slope_s_per_block", "peak_kv_mb", "peak_context_tokens",
-                        "peak_stored_tokens") if c in table]
-    return table[keep].round(4)
 
 
 # ---- handlers ----------------------------------------------------------------------------------
@@ -256,14 +157,22 @@ def _compare(request: gr.Request, *values):
 
 def _named(impl, names: list[str], name: str):
     """A generator handler with one named parameter per input, so the API reads
-    ``client.predict(prompt=..., seconds=..., api_name="/generate")`` instead of ``param_0``."""
-    params = ", ".join(names)
-    optional = ", ".join(f"{n}=None" for n in names)  # None: the component's initial value, or automatic
-    namespace = {"gr": gr, "impl": impl}
-    exec(f"def {name}(request: gr.Request, {optional}):\n    yield from impl(request, {params})\n", namespace)
-    fn = namespace[name]
-    fn.__doc__, fn.__module__ = impl.__doc__, __name__
-    return fn
+    ``client.predict(prompt=..., seconds=..., api_name="/generate")`` instead of ``param_0``.
+    The names come from an explicit ``__signature__`` (Gradio reads it with `inspect.signature`)."""
+
+    def handler(request: gr.Request, *values, **named):
+        values = list(values) + [None] * (len(names) - len(values))  # None: the initial value, or automatic
+        for i, key in enumerate(names):
+            if key in named:
+                values[i] = named[key]
+        yield from impl(request, *values)
+
+    request = inspect.Parameter("request", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=gr.Request)
+    params = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None) for n in names]
+    handler.__signature__ = inspect.Signature([request, *params])
+    handler.__name__ = handler.__qualname__ = name
+    handler.__doc__, handler.__module__ = impl.__doc__, __name__
+    return handler
 
 
 generate = _named(_generate, INPUTS, "generate")
@@ -294,11 +203,16 @@ def on_unload(request: gr.Request):
 
 def on_policy(policy):
     """Show the knobs of the chosen policy (with its defaults) and hide the others."""
-    knobs = studio.policy_knobs(policy)
+    knobs = studio.policy_knobs(policy, _block_frames())
     knob_updates = [gr.update(visible=name in knobs, value=knobs.get(name)) if name in knobs
                     else gr.update(visible=False) for name in KNOB_NAMES]
     return (POLICY_NOTES.get(policy, ""), gr.update(visible=studio.policy_compresses(policy)),
             gr.update(visible=has_advanced(policy)), *knob_updates)
+
+
+def _block_frames() -> int:
+    """Latent frames per block of the default model: knob defaults and slider steps follow it."""
+    return studio.get_pipeline(studio.DEFAULT_MODEL).block_frames
 
 
 def has_advanced(policy) -> bool:
@@ -332,10 +246,11 @@ def build_demo() -> gr.Blocks:
     pipe = studio.get_pipeline(studio.DEFAULT_MODEL)
     policies = studio.policy_names()
     default_policy = policies[0]
-    default_knobs = studio.policy_knobs(default_policy)
+    default_knobs = studio.policy_knobs(default_policy, pipe.block_frames)
     every_knob = {}
     for p in policies:
-        every_knob.update({k: v for k, v in studio.policy_knobs(p).items() if k not in every_knob})
+        every_knob.update({k: v for k, v in studio.policy_knobs(p, pipe.block_frames).items() if k not in every_knob})
+    specs = studio.knob_specs(pipe.block_frames)  # slider ranges and steps in whole blocks of this model
     layers = [("mean over layers", "mean")] + [(f"layer {i}", str(i)) for i in range(pipe.transformer.config.num_layers)]
     examples = load_examples()
     limit, shortest = studio.max_seconds(), studio.min_seconds()
@@ -379,12 +294,12 @@ def build_demo() -> gr.Blocks:
                     for name in KNOB_NAMES:
                         if not KNOBS[name].advanced:
                             knob_by_name[name] = knob_component(
-                                KNOBS[name], default_knobs.get(name, every_knob.get(name)), name in default_knobs)
+                                specs[name], default_knobs.get(name, every_knob.get(name)), name in default_knobs)
                     with gr.Accordion("Advanced", open=False, visible=has_advanced(default_policy)) as advanced:
                         for name in KNOB_NAMES:
                             if KNOBS[name].advanced:
                                 knob_by_name[name] = knob_component(
-                                    KNOBS[name], default_knobs.get(name, every_knob.get(name)),
+                                    specs[name], default_knobs.get(name, every_knob.get(name)),
                                     name in default_knobs)
                     knobs = [knob_by_name[name] for name in KNOB_NAMES]
                 with gr.Accordion("Model", open=False):

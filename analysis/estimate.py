@@ -38,148 +38,22 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from packforcing.configs import TINY, WAN21_T2V_1P3B
+from analysis.model_spec import (  # noqa: F401  (re-exported)
+    PRESETS, UMT5_XXL_PARAMS, ModelSpec, resolve_spec, spec_from_pipeline,
+)
 
 #: DESIGN §8: H100/H200 dense bf16 peak used for the physical ceiling.
 PEAK_BF16_FLOPS = 790e12
 #: DESIGN §2: Wan2.1-1.3B parameter count used by the paper-style FLOP approximation.
 PAPER_PARAMS = 1.3e9
-#: UMT5-XXL encoder (Wan2.1's text encoder) parameter count: 256,384·4096 embeddings + 24 layers.
-UMT5_XXL_PARAMS = 256_384 * 4096 + 24 * (4 * 4096 * 4096 + 3 * 4096 * 10240 + 2 * 4096 + 32 * 64) + 4096  # 5.68e9
 
 SUPPORTED_POLICIES = ("full", "window", "sink_window", "packforcing", "deep_sink")
-
-
-def _tiny_vae() -> dict:
-    from packforcing.vae import tiny_vae_config
-
-    return tiny_vae_config()
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """Everything the estimate depends on. ``model``: `WanTransformer3DModel` constructor args."""
-
-    name: str
-    model: dict
-    height: int
-    width: int
-    fps: int = 16
-    block_frames: int = 4
-    steps: int = 4
-    text_len: int = 512
-    dtype: str = "bfloat16"
-    vae_spatial: int = 8
-    batch: int = 1
-    vae: dict | None = None  # AutoencoderKLWan constructor args (None = diffusers defaults = Wan2.1)
-    compressor_mode: str = "both"
-    text_encoder_params: int = 0  # parameters of the text encoder (memory only)
-    vae_dtype: str = "float32"  # the library loads the VAE in float32
-
-    # -- derived ------------------------------------------------------------------------------
-    @property
-    def dim(self) -> int:
-        return self.model["num_attention_heads"] * self.model["attention_head_dim"]
-
-    @property
-    def layers(self) -> int:
-        return self.model["num_layers"]
-
-    @property
-    def latent_hw(self) -> tuple[int, int]:
-        return self.height // self.vae_spatial, self.width // self.vae_spatial
-
-    @property
-    def frame_hw(self) -> tuple[int, int]:
-        _, ph, pw = self.model.get("patch_size", (1, 2, 2))
-        h, w = self.latent_hw
-        return h // ph, w // pw
-
-    @property
-    def tokens_per_frame(self) -> int:
-        return self.frame_hw[0] * self.frame_hw[1]
-
-    @property
-    def tokens_per_block(self) -> int:
-        return self.block_frames * self.tokens_per_frame
-
-    @property
-    def compressed_tokens(self) -> int:
-        from packforcing.compressor import Compressor
-
-        return Compressor.num_tokens(self.block_frames, *self.latent_hw)
-
-    @property
-    def element_size(self) -> int:
-        return torch.empty((), dtype=getattr(torch, self.dtype)).element_size()
-
-    @property
-    def bytes_per_token(self) -> int:
-        """K and V of one token over all layers (184,320 B for Wan2.1-1.3B in bf16)."""
-        return 2 * self.layers * self.dim * self.element_size * self.batch
-
-    def geometry(self):
-        from packforcing.cache import CacheGeometry
-
-        m = self.model
-        return CacheGeometry(m["num_layers"], m["num_attention_heads"], m["attention_head_dim"], self.block_frames,
-                             self.frame_hw, batch_size=self.batch, dtype=getattr(torch, self.dtype))
-
-    def num_blocks(self, seconds: float) -> int:
-        """Same rule as `Pipeline.num_blocks`: round(seconds·fps / (4·block_frames)), at least 1."""
-        return max(1, round(float(seconds) * self.fps / (4 * self.block_frames)))
-
-    def pixel_frames(self, num_blocks: int) -> int:
-        return 4 * self.block_frames * num_blocks - 3
-
-
-PRESETS: dict[str, ModelSpec] = {
-    "tiny": ModelSpec("tiny", dict(TINY), height=128, width=128, text_len=32, dtype="float32", vae=_tiny_vae()),
-    "wan-1.3b": ModelSpec("wan-1.3b", dict(WAN21_T2V_1P3B), height=480, width=832, text_len=512, dtype="bfloat16",
-                          vae=None, text_encoder_params=UMT5_XXL_PARAMS),
-}
-
-
-def spec_from_pipeline(pipe, name: str | None = None) -> ModelSpec:
-    """The `ModelSpec` of a built `Pipeline` (what the app holds)."""
-    cfg = pipe.transformer.config
-    keys = {f for f in WAN21_T2V_1P3B}
-    model = {k: (tuple(v) if isinstance(v, list) else v) for k, v in dict(cfg).items() if k in keys}
-    text_len = getattr(pipe.text_encoder, "max_length", 512)
-    vae_cfg = {k: v for k, v in dict(pipe.vae.vae.config).items() if not k.startswith("_")}
-    text_params = 0
-    enc = getattr(pipe.text_encoder, "model", None)
-    if isinstance(enc, torch.nn.Module):
-        text_params = sum(p.numel() for p in enc.parameters())
-    return ModelSpec(
-        name or pipe.name, model, pipe.height, pipe.width, fps=pipe.fps, block_frames=pipe.block_frames,
-        steps=len(pipe.sampler.denoising_steps), text_len=int(text_len),
-        dtype=str(pipe.transformer.dtype).removeprefix("torch."), vae_spatial=pipe.vae.spatial_ratio,
-        vae=vae_cfg, compressor_mode=pipe.compressor.mode, text_encoder_params=text_params,
-        vae_dtype=str(pipe.vae.dtype).removeprefix("torch."),
-    )
-
-
-def resolve_spec(config) -> ModelSpec:
-    """A preset name, a `ModelSpec`, a `Pipeline`, or a dict of `ModelSpec` fields."""
-    if isinstance(config, ModelSpec):
-        return config
-    if isinstance(config, str):
-        if config not in PRESETS:
-            raise ValueError(f"unknown preset {config!r}; choose from {sorted(PRESETS)}")
-        return PRESETS[config]
-    if isinstance(config, dict):
-        return ModelSpec(**config)
-    if hasattr(config, "transformer") and hasattr(config, "vae"):
-        return spec_from_pipeline(config)
-    raise TypeError(f"cannot make a ModelSpec from {type(config).__name__}")
 
 
 # -- FLOP model -------------------------------------------------------------------------------------
@@ -242,101 +116,35 @@ def _build_policy(spec: ModelSpec, policy: str, options: dict):
     return make_policy(policy, spec.geometry(), compressed_t_offsets=offsets, **options)
 
 
-@dataclass
-class _Plan:
-    T: int
-    n_c: int
-    kind: str
-    sink: int = 0  # blocks
-    window: int = 0  # blocks (window / sink_window) or recent blocks (packforcing)
-    top_k: int = 0
-    capacity: int = 0
-    extra: dict = field(default_factory=dict)
-
-    # blocks committed before block b, split by partition (packforcing, deep_sink)
-    def _split(self, committed: int) -> tuple[int, int, int]:
-        sink = min(committed, self.sink)
-        recent = min(committed - sink, self.window)
-        archive = min(committed - sink - recent, self.capacity) if self.kind == "packforcing" else 0
-        return sink, recent, archive
-
-    def attended(self, b: int) -> int:
-        T = self.T
-        if self.kind == "full":
-            return (1 + b) * T
-        if self.kind == "window":
-            return (1 + min(b, self.window)) * T
-        if self.kind == "sink_window":
-            return (1 + min(b, self.sink + self.window)) * T
-        sink, recent, archive = self._split(b)
-        if self.kind == "deep_sink":
-            return (1 + sink + recent) * T + min(self.capacity, (b - sink - recent) * T)
-        return (1 + sink + recent) * T + min(self.top_k, archive) * self.n_c
-
-    def kv_tokens_after(self, b: int) -> int:
-        """`policy.kv_tokens()` after block ``b`` was committed (the sampler's record)."""
-        T, c = self.T, b + 1
-        if self.kind == "full":
-            return (c + 1) * T
-        if self.kind == "window":
-            return (min(c, self.window) + 1) * T
-        if self.kind == "sink_window":
-            held = min(c, self.sink) + min(max(0, c - self.sink), self.window)
-            return (held + 1) * T
-        sink, recent, archive = self._split(c)
-        if self.kind == "deep_sink":  # kept tokens (selected at block b) are the whole middle
-            s_b, r_b, _ = self._split(b)
-            return (1 + sink + recent) * T + min(self.capacity, (b - s_b - r_b) * T)
-        selected = min(self.top_k, self._split(b)[2])
-        return (1 + sink + recent) * T + (archive + recent + selected) * self.n_c
-
-    def compresses(self, b: int) -> bool:
-        return self.kind == "packforcing" and b >= self.sink
-
-
-def _plan(spec: ModelSpec, policy: str, options: dict) -> tuple[_Plan, Any]:
+def block_accounting(spec: ModelSpec, policy: str, options: dict, num_blocks: int) -> dict[str, list]:
+    """Run the pure policy over ``num_blocks`` plans (no tensors, no model): per block the attended
+    tokens (``plan.attend_tokens``), stored tokens after its commit, and whether it compresses."""
     if policy not in SUPPORTED_POLICIES:
         raise ValueError(f"no estimate for policy {policy!r}; supported: {', '.join(SUPPORTED_POLICIES)}")
     obj = _build_policy(spec, policy, options)
-    T, n_c = spec.tokens_per_block, spec.compressed_tokens
-    if policy == "full":
-        return _Plan(T, n_c, "full"), obj
-    if policy == "window":
-        return _Plan(T, n_c, "window", window=obj.window_blocks), obj
-    if policy == "sink_window":
-        return _Plan(T, n_c, "sink_window", sink=obj.sink_blocks, window=obj.window_blocks), obj
-    if policy == "deep_sink":  # capacity = kept tokens C; the archive of blocks is unbounded here
-        return _Plan(T, n_c, "deep_sink", sink=obj.n_sink, window=obj.n_recent, capacity=obj.keep), obj
-    c = obj.config
-    return _Plan(T, n_c, "packforcing", sink=obj.n_sink, window=obj.n_recent, top_k=c.top_k,
-                 capacity=c.archive_blocks), obj
+    obj.reset(num_blocks)
+    out: dict[str, list] = {"attended": [], "kv_tokens": [], "compresses": []}
+    for b in range(num_blocks):
+        plan = obj.plan(b)
+        obj.commit(plan)
+        out["attended"].append(plan.attend_tokens)
+        out["compresses"].append(plan.compress)
+        out["kv_tokens"].append(obj.kv_tokens())
+    return out
 
 
 def allocated_kv_bytes(spec: ModelSpec, policy: str, num_blocks: int, **options) -> dict[str, int]:
-    """Bytes the policy preallocates at ``reset(num_blocks)``: {"device": ..., "host": ...}.
+    """Bytes the policy's store preallocates for ``num_blocks``: {"device": ..., "host": ...}.
 
-    Mirrors `SlotCache.reset` / `PackForcingCache.reset` (KV buffers in the model dtype, scoring
-    buffers in float32).
-    """
-    plan, obj = _plan(spec, policy, options)
-    bpt, T = spec.bytes_per_token, spec.tokens_per_block
-    if plan.kind == "full":
-        return {"device": (1 + num_blocks) * T * bpt, "host": 0}
-    if plan.kind in ("window", "sink_window"):
-        return {"device": (1 + plan.sink + plan.window) * T * bpt, "host": 0}
-    if plan.kind == "deep_sink":  # workspace [current|sink|recent|kept C|incoming T]; index tables on the host
-        tokens = T * (2 + plan.sink + plan.window) + plan.capacity
-        return {"device": tokens * bpt, "host": 16 * spec.layers * plan.capacity}
-    c, n_c, g = obj.config, plan.n_c, spec.geometry()
-    ws = T * (1 + plan.sink + plan.window) + (c.top_k + 1) * n_c
-    device_tokens = ws + n_c + plan.window * n_c  # workspace + pending + recent backups
-    archive = c.archive_blocks * n_c * bpt
-    heads_s = len(range(0, g.num_heads, 2))
-    n_q = max(1, c.score_queries // (1 + plan.window))
-    f32 = 4 * g.num_layers * g.batch_size * heads_s * g.head_dim
-    scoring = f32 * (c.archive_blocks + n_q + plan.window * n_q)
-    on_host = c.archive_device is not None and str(c.archive_device) == "cpu"
-    return {"device": device_tokens * bpt + scoring + (0 if on_host else archive), "host": archive if on_host else 0}
+    The store is built on the meta device (nothing is allocated); buffers the config places in host
+    memory (PackForcing's ``archive_device="cpu"``) count as host."""
+    if policy not in SUPPORTED_POLICIES:
+        raise ValueError(f"no estimate for policy {policy!r}; supported: {', '.join(SUPPORTED_POLICIES)}")
+    store = _build_policy(spec, policy, options).allocate(num_blocks, device=torch.device("meta"))
+    out = {"device": 0, "host": 0}
+    for name, tensor in store.buffers().items():
+        out[store.placement(name)] += tensor.numel() * tensor.element_size()
+    return out
 
 
 # -- parameters --------------------------------------------------------------------------------------
@@ -389,11 +197,10 @@ def estimate(
     n = int(num_blocks) if num_blocks is not None else spec.num_blocks(seconds)
     if n <= 0:
         raise ValueError(f"num_blocks must be positive, got {n}")
-    plan, _ = _plan(spec, policy, options)
+    accounting = block_accounting(spec, policy, options, n)
     T, n_c, bpt = spec.tokens_per_block, spec.compressed_tokens, spec.bytes_per_token
-    attended = [plan.attended(b) for b in range(n)]
-    kv_tokens = [plan.kv_tokens_after(b) for b in range(n)]
-    per_block = [block_flops(spec, a, plan.compresses(b)) for b, a in enumerate(attended)]
+    attended, kv_tokens = accounting["attended"], accounting["kv_tokens"]
+    per_block = [block_flops(spec, a, c) for a, c in zip(attended, accounting["compresses"])]
     flops = [f["total"] for f in per_block]
     breakdown = {k: int(sum(f[k] for f in per_block)) for k in per_block[0] if k != "total"}
     alloc = allocated_kv_bytes(spec, policy, n, **options)

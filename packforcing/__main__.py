@@ -37,29 +37,46 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--width", type=int, default=832, help="with --model: video width in pixels")
     gen.add_argument("--device", default="cuda" if _cuda() else "cpu")
     gen.add_argument("--max-seconds", type=float, default=None, help="raise the duration limit (default 120)")
-    gen.add_argument("--sink-frames", type=int, default=None, help="latent frames kept as sink")
-    gen.add_argument("--recent-frames", type=int, default=None, help="latent frames kept at full resolution")
-    gen.add_argument("--window-frames", type=int, default=None, help="window/sink_window: latent frames kept")
-    gen.add_argument("--top-k", type=int, default=None, help="packforcing: mid blocks attended")
-    gen.add_argument("--archive-blocks", type=int, default=None, help="packforcing: mid archive capacity")
     gen.add_argument("--compressor", default=None, choices=["lr", "hr", "both"])
-    gen.add_argument("--selection", default=None, choices=["topk", "recency"])
-    gen.add_argument("--mid-span", default=None, choices=["span", "compressed", "single"])
-    gen.add_argument("--no-rope-adjust", action="store_true")
+    add_policy_flags(gen)
     gen.add_argument("--trace", default=None, help="write the trace (.parquet, .csv or .json)")
     return parser
 
 
+def policy_fields() -> dict:
+    """name -> (config field, policies using it) for every knob of every policy's config dataclass
+    (the one source of names, limits and help)."""
+    from .cache import POLICIES
+
+    fields: dict = {}
+    for cls in POLICIES.values():
+        for f in cls.config_class.knobs():
+            fields.setdefault(f.name, (f, []))[1].append(cls.name)
+    return fields
+
+
+def add_policy_flags(parser) -> None:
+    """One flag per config field: ``--sink-frames N``, ``--mid-span CHOICE``, ``--no-rope-adjust``…"""
+    from .cache.config import knob_kind
+
+    for name, (f, users) in policy_fields().items():
+        flag, meta, kind = "--" + name.replace("_", "-"), f.metadata, knob_kind(f)
+        unit = f" ({meta['unit']})" if meta.get("unit") else ""
+        help_text = f"{', '.join(users)}: {meta.get('help', '')}{unit}"
+        if kind == "bool":
+            on = f.default is not False
+            parser.add_argument(("--no-" if on else "--") + name.replace("_", "-"), dest=name, action="store_const",
+                                const=not on, default=None, help=help_text)
+        elif kind == "choice":
+            parser.add_argument(flag, dest=name, default=None, choices=list(meta["choices"]), help=help_text)
+        else:
+            parser.add_argument(flag, dest=name, type=int if kind == "int" else float, default=None, help=help_text)
+
+
 def policy_options(args) -> dict:
-    names = {
-        "sink_frames": args.sink_frames, "recent_frames": args.recent_frames, "window_frames": args.window_frames,
-        "top_k": args.top_k, "archive_blocks": args.archive_blocks, "selection": args.selection,
-        "mid_span": args.mid_span,
-    }
-    options = {k: v for k, v in names.items() if v is not None}
-    if args.no_rope_adjust:
-        options["rope_adjust"] = False
-    return options
+    """The policy knobs given on the command line (unset ones keep the policy's defaults, which
+    follow the model's block size)."""
+    return {name: getattr(args, name) for name in policy_fields() if getattr(args, name, None) is not None}
 
 
 TRACE_SUFFIXES = (".parquet", ".csv", ".json")
@@ -91,7 +108,9 @@ def check_paths(args) -> str | None:
 
 
 def generate(args) -> int:
-    from .pipeline import Pipeline, to_uint8, write_video
+    from .embedded import default_pipeline
+    from .pipeline import Pipeline
+    from .video import to_uint8, write_video
     from .trace import NullRecorder, TraceRecorder
 
     problem = check_paths(args)
@@ -105,7 +124,7 @@ def generate(args) -> int:
             pipe = Pipeline.from_pretrained(args.model, args.checkpoint, args.compressor_weights, args.height,
                                             args.width, device=args.device, dtype=dtype)
         else:
-            pipe = Pipeline.default()
+            pipe = default_pipeline()
     except (OSError, ValueError) as err:  # missing/corrupted weights, bad sizes
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -198,21 +198,32 @@ class Compressor(nn.Module):
         return latent_frames * (h // patch) * (w // patch) / cls.num_tokens(latent_frames, h, w)
 
     @classmethod
-    def token_centres(cls, latent_frames: int, h: int, w: int, patch: int = 2):
+    def token_centres(cls, latent_frames: int, h: int, w: int, patch: int = 2, mode: str = "lr"):
         """Centre of the region each compressed token covers, as float tensors ``[N_c]`` each.
 
-        Returns ``(t_pos, h_pos, w_pos)``: ``t_pos`` in latent frames from the block start (step
-        t' covers frames [2t', 2t'+2) ∩ [0, F)); ``h_pos``/``w_pos`` in patch-token units (cell h'
-        covers rows [4h', 4h'+4) ∩ [0, h/patch)). Each is the mean of the covered integer indices.
+        Returns ``(t_pos, h_pos, w_pos)``: ``t_pos`` in latent frames from the block start;
+        ``h_pos``/``w_pos`` in patch-token units (cell h' covers rows [4h', 4h'+4) ∩ [0, h/patch)),
+        the mean of the covered integer indices. Time depends on the branch: the LR branch pools
+        frames [2t', 2t'+2) ∩ [0, F) (centre ``2t'+0.5``, the mean of the covered frames); the HR
+        branch's first convolution (k3, s2, p1) is centred at frame ``2t'``; ``both`` (the sum of
+        the two) sits at the mean of the two centres.
         """
+        if mode not in ("lr", "hr", "both"):
+            raise ValueError(f"unknown compressor mode {mode!r}; choose from hr, lr, both")
         t, gh, gw = cls.output_grid(latent_frames, h, w)
 
         def centres(n_cells, step, limit):
             return torch.tensor([(i * step + min(i * step + step, limit) - 1) / 2 for i in range(n_cells)])
 
-        ct, ch, cw = centres(t, 2, latent_frames), centres(gh, 4, h // patch), centres(gw, 4, w // patch)
+        lr_t, hr_t = centres(t, 2, latent_frames), torch.arange(t, dtype=torch.float32) * 2
+        ct = {"lr": lr_t, "hr": hr_t, "both": (lr_t + hr_t) / 2}[mode]
+        ch, cw = centres(gh, 4, h // patch), centres(gw, 4, w // patch)
         tt, hh, ww = torch.meshgrid(ct, ch, cw, indexing="ij")  # flatten order t, h, w
         return tt.flatten(), hh.flatten(), ww.flatten()
+
+    def centres(self, latent_frames: int, h: int, w: int, patch: int = 2):
+        """`token_centres` for this compressor's branch (``self.mode``)."""
+        return self.token_centres(latent_frames, h, w, patch, mode=self.mode)
 
     def forward(self, latents: torch.Tensor, *, pixels: Optional[torch.Tensor] = None, vae=None,
                 patch_embedding: Optional[nn.Module] = None, first_block: bool = False) -> torch.Tensor:

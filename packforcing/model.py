@@ -11,7 +11,11 @@ head); we own the forward pass. Two forwards share one layer loop:
   per-frame timesteps and positions (teacher forcing, and the reference the cache is tested against).
 
 The self-attention of every block (`attn1`) gets a `CacheAttnProcessor`; per-call state travels
-in the ``rotary_emb`` argument (diffusers passes it through untouched) as an `AttentionCall`.
+in the ``rotary_emb`` argument (diffusers passes it through untouched) as an `AttentionCall`. The
+cache is reached only through the call's `AttentionContext` (``update(layer, k, v)`` and, at step 0,
+``score(layer, q)``); attention itself goes through diffusers' ``dispatch_attention_fn``, so any
+backend diffusers offers (flash, sage, context parallel) applies. Called without an `AttentionCall`
+(the inherited ``WanTransformer3DModel.forward``), the processor is diffusers' own.
 """
 
 from __future__ import annotations
@@ -19,8 +23,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from diffusers import WanTransformer3DModel
+from diffusers.models.attention_dispatch import dispatch_attention_fn
+from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
 from .rope import Rope3D
 
@@ -32,19 +37,26 @@ class AttentionCall:
     cos: torch.Tensor
     sin: torch.Tensor
     layer: int = 0
-    cache: object | None = None  # a CachePolicy, or None for a plain (masked) forward
+    context: object | None = None  # an `AttentionContext`, or None for a plain (masked) forward
     stream: str = "block"  # "block" | "compressed"
     mask: torch.Tensor | None = None  # [N, N] bool (True = attend), plain forward only
 
 
 class CacheAttnProcessor:
-    """Self-attention that reads its context from a cache policy (or runs plain with a mask)."""
+    """Self-attention that reads its keys/values from an attention context (or runs plain with a mask)."""
+
+    _attention_backend = None  # set by diffusers' `set_attention_backend`, as on its own processors
+    _parallel_config = None
 
     def __init__(self, rope: Rope3D):
         self.rope = rope
+        self.stock = WanAttnProcessor()
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
-        call: AttentionCall = rotary_emb
+        if not isinstance(rotary_emb, AttentionCall):  # the inherited forward: diffusers' processor
+            self.stock._attention_backend, self.stock._parallel_config = self._attention_backend, self._parallel_config
+            return self.stock(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
+        call = rotary_emb
         q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
         q, k = attn.norm_q(q), attn.norm_k(k)
         # [B, N, heads, head_dim]
@@ -52,16 +64,59 @@ class CacheAttnProcessor:
         q = self.rope.apply_tokens(q, call.cos, call.sin)
         k = self.rope.apply_tokens(k, call.cos, call.sin)
 
-        if call.cache is None:
-            keys, values, mask = k.transpose(1, 2), v.transpose(1, 2), call.mask
-        elif call.stream == "block":
-            keys, values = call.cache.context_for(call.layer, q, k, v)  # [B, heads, T, d]
-            mask = None
+        context = call.context
+        mask = call.mask[None, None] if call.mask is not None else None  # [1, 1, N, N]: never read as [B, T]
+        if context is None:
+            keys, values = k, v
         else:
-            keys, values = call.cache.compressed_context_for(call.layer, q, k, v)
-            mask = None
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask)
-        out = out.transpose(1, 2).flatten(2, 3).type_as(hidden_states)  # [B, N, dim]
+            if call.stream == "block":
+                if context.wants_queries:
+                    context.score(call.layer, q)
+                keys, values = context.update(call.layer, k, v)  # [B, heads, T, d] views
+            else:
+                keys, values = context.update_compressed(call.layer, k, v)
+            keys, values = keys.transpose(1, 2), values.transpose(1, 2)  # [B, T, heads, d] views
+        out = dispatch_attention_fn(q, keys, values, attn_mask=mask, backend=self._attention_backend,
+                                    parallel_config=self._parallel_config if context is None else None)
+        out = out.flatten(2, 3).type_as(hidden_states)  # [B, N, dim]
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+@dataclass
+class CrossKV:
+    """One layer's cross-attention keys and values of the prompt, [B, L, heads, head_dim]."""
+
+    key: torch.Tensor
+    value: torch.Tensor
+
+
+@dataclass
+class PromptContext:
+    """A prompt prepared once per generation: embedded text tokens [B, L, dim] and every layer's
+    cross-attention K/V (as the reference implementation caches them), reused by every forward."""
+
+    text_tokens: torch.Tensor
+    cross: list[CrossKV]
+
+
+class CrossAttnProcessor:
+    """Cross-attention (``attn2``) that reads the prompt's precomputed K/V from a `CrossKV`; any other
+    ``encoder_hidden_states`` (a tensor) goes to diffusers' own processor."""
+
+    _attention_backend = None
+    _parallel_config = None
+
+    def __init__(self):
+        self.stock = WanAttnProcessor()
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        if not isinstance(encoder_hidden_states, CrossKV):
+            self.stock._attention_backend = self._attention_backend
+            return self.stock(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
+        q = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
+        out = dispatch_attention_fn(q, encoder_hidden_states.key, encoder_hidden_states.value,
+                                    attn_mask=attention_mask, backend=self._attention_backend)
+        out = out.flatten(2, 3).type_as(q)
         return attn.to_out[1](attn.to_out[0](out))
 
 
@@ -80,6 +135,23 @@ class CausalWanTransformer(WanTransformer3DModel):
         if not isinstance(self.blocks[0].attn1.processor, CacheAttnProcessor):
             for block in self.blocks:
                 block.attn1.set_processor(CacheAttnProcessor(self.rope3d))
+        if not isinstance(self.blocks[0].attn2.processor, CrossAttnProcessor):
+            for block in self.blocks:
+                block.attn2.set_processor(CrossAttnProcessor())
+
+    def prompt_context(self, text: torch.Tensor) -> PromptContext:
+        """text [B, L, text_dim] -> the embedded prompt and every layer's cross-attention K/V, computed
+        once (text-to-video blocks; image-conditioned blocks keep recomputing through diffusers)."""
+        self._install_processors()
+        tokens = self.condition_embedder.text_embedder(text.to(self.dtype))
+        cross = []
+        for block in self.blocks:
+            attn = block.attn2
+            if attn.add_k_proj is not None:
+                return PromptContext(tokens, [])  # I2V: the stock processor splits image and text context
+            key = attn.norm_k(attn.to_k(tokens)).unflatten(2, (attn.heads, -1))
+            cross.append(CrossKV(key, attn.to_v(tokens).unflatten(2, (attn.heads, -1))))
+        return PromptContext(tokens, cross)
 
     # -- pieces ------------------------------------------------------------------------------
     def patchify(self, latents: torch.Tensor) -> torch.Tensor:
@@ -108,15 +180,19 @@ class CausalWanTransformer(WanTransformer3DModel):
         p_t, p_h, p_w = self.config.patch_size
         return frames // p_t, height // p_h, width // p_w
 
-    def conditions(self, timestep: torch.Tensor, text: torch.Tensor, tokens_per_step: int | None = None):
-        """timestep [B] or [B, N] (per token) -> (temb, modulation [B,6,D] or [B,N,6,D], text tokens)."""
+    def conditions(self, timestep: torch.Tensor, text, tokens_per_step: int | None = None):
+        """timestep [B] or [B, N] (per token) -> (temb, modulation [B,6,D] or [B,N,6,D], text tokens).
+        ``text``: [B, L, text_dim], or a `PromptContext` (its tokens are reused, not re-embedded)."""
+        prompt = text if isinstance(text, PromptContext) else None
+        if prompt is not None:
+            text = prompt.text_tokens.new_zeros(prompt.text_tokens.shape[0], 0, self.config.text_dim)  # time only
         seq = None
         if timestep.ndim == 2:
             seq = timestep.shape[1]
             timestep = timestep.flatten()
         temb, proj, text_tokens, _ = self.condition_embedder(timestep, text.to(self.dtype), None, timestep_seq_len=seq)
         proj = proj.unflatten(2, (6, -1)) if seq is not None else proj.unflatten(1, (6, -1))
-        return temb, proj, text_tokens
+        return temb, proj, (prompt.text_tokens if prompt is not None else text_tokens)
 
     def head(self, hidden: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         if temb.ndim == 3:  # per token
@@ -142,7 +218,7 @@ class CausalWanTransformer(WanTransformer3DModel):
         latents: torch.Tensor,
         timestep: torch.Tensor,
         text: torch.Tensor,
-        cache,
+        context,
         step: int,
         t_start: float,
         commit: bool = False,
@@ -150,18 +226,18 @@ class CausalWanTransformer(WanTransformer3DModel):
         compressed_positions: torch.Tensor | None = None,
         compressed_kv: str = "commit",
     ) -> torch.Tensor:
-        """Denoise one block against ``cache``.
+        """Denoise one block against the cache, through ``context`` (an `AttentionContext` made by
+        the store for this block's plan, ``step`` and ``commit``).
 
         latents [B, C, F, H, W] (normalised latents of the current block); timestep [B] (0..1000);
-        text [B, L, text_dim]; t_start: temporal RoPE position of the block's first frame (latent
-        frames, given by the cache policy); commit: True for the clean pass at t = 0. compressed: optional tokens [B, N_c, dim] with
-        positions [N_c, 3] (t, h, w) — only on the commit pass. Returns the flow prediction, same
-        shape as ``latents``.
+        text [B, L, text_dim] or a `PromptContext` (cross-attention K/V computed once); step: denoising step (the commit pass is the last); t_start: temporal
+        RoPE position of the block's first frame (latent frames, from the plan); commit: True for the
+        clean pass at t = 0. compressed: optional tokens [B, N_c, dim] with positions [N_c, 3]
+        (t, h, w) — only on the commit pass. Returns the flow prediction, same shape as ``latents``.
         """
         self._install_processors()
-        self.check_latents(latents, frames=getattr(getattr(cache, "geometry", None), "block_frames", None))
+        self.check_latents(latents, frames=getattr(context, "block_frames", None))
         b, _, frames, height, width = latents.shape
-        cache.begin_step(step, commit)
         cos, sin = self.grid_cos_sin(t_start + torch.arange(frames, dtype=torch.float64), height, width)
         hidden = self.patchify(latents)
         temb, modulation, text_tokens = self.conditions(timestep, text)
@@ -170,29 +246,31 @@ class CausalWanTransformer(WanTransformer3DModel):
         if compressed is not None:
             c_cos, c_sin = self.rope3d.cos_sin(compressed_positions, device=self.device)
             comp = compressed.to(self.dtype)
+        cross = text.cross if isinstance(text, PromptContext) and text.cross else None
         for layer, block in enumerate(self.blocks):
-            call = AttentionCall(cos, sin, layer, cache, "block")
-            hidden = block(hidden, text_tokens, modulation, call)
+            encoder = cross[layer] if cross is not None else text_tokens  # precomputed K/V, or the tokens
+            call = AttentionCall(cos, sin, layer, context, "block")
+            hidden = block(hidden, encoder, modulation, call)
             if comp is None:
                 continue
             if compressed_kv == "commit":
-                call = AttentionCall(c_cos, c_sin, layer, cache, "compressed")
-                comp = block(comp, text_tokens, modulation, call)
+                call = AttentionCall(c_cos, c_sin, layer, context, "compressed")
+                comp = block(comp, encoder, modulation, call)
             elif compressed_kv == "projection":
-                self._project_compressed(block, layer, comp, modulation, c_cos, c_sin, cache)
+                self._project_compressed(block, layer, comp, modulation, c_cos, c_sin, context)
             else:
                 raise ValueError(f"compressed_kv must be 'commit' or 'projection', got {compressed_kv!r}")
         out = self.head(hidden, temb)
         return self.unpatchify(out, frames, height, width).float()
 
-    def _project_compressed(self, block, layer, comp, modulation, cos, sin, cache):
+    def _project_compressed(self, block, layer, comp, modulation, cos, sin, context):
         """DESIGN §3.1 'projection': this layer's K/V of the compressed tokens straight from them."""
         attn = block.attn1
         shift, scale = (block.scale_shift_table + modulation.float()).chunk(6, dim=1)[:2]
         x = (block.norm1(comp.float()) * (1 + scale) + shift).type_as(comp)
         k = attn.norm_k(attn.to_k(x)).unflatten(2, (attn.heads, -1))
         v = attn.to_v(x).unflatten(2, (attn.heads, -1))
-        cache.store_compressed(layer, self.rope3d.apply_tokens(k, cos, sin), v)
+        context.write_compressed(layer, self.rope3d.apply_tokens(k, cos, sin), v)
 
     def forward_sequence(
         self,

@@ -1,4 +1,5 @@
 """The text-to-video pipeline: text encoder + causal transformer + cache policy + VAE + compressor.
+(Input checks live in `packforcing.inputs`, video arrays and files in `packforcing.video`.)
 
 `Pipeline.stream` is the generator a UI iterates (one `BlockResult` per block, with decoded
 pixels); `Pipeline.generate` collects it into a uint8 video. Durations map to blocks as
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import threading
 from pathlib import Path
 
@@ -20,32 +20,21 @@ import torch
 from diffusers import AutoencoderKLWan
 
 from .cache import POLICIES, CacheGeometry, make_policy
+from .cache.config import check_number, knob_kind
 from .compressor import Compressor
 from .configs import TINY
+from .devices import available_memory
+from .inputs import MAX_PROMPT_CHARS, check_prompt, check_seed  # noqa: F401  (re-exported)
 from .model import CausalWanTransformer
 from .sampler import SamplerConfig, generate_blocks
 from .vae import WanVAE, tiny_vae_config
+from .video import to_uint8, write_video  # noqa: F401  (re-exported)
 
 DEFAULT_MAX_SECONDS = 120.0
-MAX_PROMPT_CHARS = 2000
 COMPRESSOR_MODES = ("lr", "hr", "both")
-# Policy options that count something must be whole numbers in [0, limit]. The limits are far beyond
-# any useful setting (1,024 latent frames = 4 min of 16 fps video; the default maximum video is 120 s)
-# and keep an absurd value from reaching an allocation; `Pipeline.check_cache_memory` then compares
-# what the settings would really allocate with the memory that is free.
-MAX_CACHE_FRAMES = 1024  # sink_frames, recent_frames, window_frames (latent frames)
-MAX_CACHE_BLOCKS = 1024  # top_k, archive_blocks (blocks)
-MAX_SCORE_QUERIES = 65536
-COUNT_OPTIONS = {
-    "sink_frames": (MAX_CACHE_FRAMES, "latent frames"),
-    "recent_frames": (MAX_CACHE_FRAMES, "latent frames"),
-    "window_frames": (MAX_CACHE_FRAMES, "latent frames"),
-    "top_k": (MAX_CACHE_BLOCKS, "blocks"),
-    "archive_blocks": (MAX_CACHE_BLOCKS, "blocks"),
-    "score_queries": (MAX_SCORE_QUERIES, "query tokens"),
-    "keep_tokens": (None, "tokens"),  # limit: MAX_CACHE_FRAMES frames' worth of tokens
-}
-FLAG_OPTIONS = ("rope_adjust",)
+# Policy option limits live on the policies' config dataclasses (`packforcing.cache.config`);
+# `Pipeline.check_cache_memory` then compares what the settings would really allocate with the
+# memory that is free.
 MIN_COMPRESSED_LATENT = 8  # compressing policies: both compressor branches need latent frames >= 8x8
 MEMORY_HEADROOM = 0.9  # a cache may take at most this share of the free memory
 
@@ -146,14 +135,6 @@ class Pipeline:
                    height, width, sampler=sampler, name=name, max_seconds=max_seconds, text_offload=offload)
         return pipe
 
-    @classmethod
-    def default(cls) -> "Pipeline":
-        """The embedded default model: the trained tiny world in ``assets/tiny-world`` when it is
-        there (see `packforcing.tiny_world`), else `tiny_random` (random weights, noise videos)."""
-        from .tiny_world import has_tiny_world, load_tiny_world
-
-        return load_tiny_world() if has_tiny_world() else cls.tiny_random()
-
     def to(self, device: str | torch.device, dtype: torch.dtype | None = None) -> "Pipeline":
         """Move the transformer (optionally cast to ``dtype``), VAE and compressor to ``device``.
         The text encoder stays where it is; prompts are encoded there and moved (DESIGN §8)."""
@@ -170,6 +151,11 @@ class Pipeline:
     @property
     def block_frames(self) -> int:
         return self.sampler.block_frames
+
+    @property
+    def block_seconds(self) -> float:
+        """Seconds of video one block adds (after the first): temporal ratio × block frames / fps."""
+        return self.vae.temporal_ratio * self.block_frames / self.fps
 
     def geometry(self, batch_size: int = 1) -> CacheGeometry:
         cfg = self.transformer.config
@@ -195,7 +181,7 @@ class Pipeline:
             raise ValueError(f"duration must be a positive number of seconds, got {seconds:g}")
         if seconds > self.max_seconds:
             raise ValueError(f"duration {seconds:g} s exceeds the maximum of {self.max_seconds:g} s")
-        return max(1, round(seconds * self.fps / (4 * self.block_frames)))
+        return max(1, round(seconds * self.fps / (self.vae.temporal_ratio * self.block_frames)))
 
     def compressor_for(self, mode: str | None) -> Compressor:
         """The compressor in ``mode`` ('lr' = zero-shot, no trained weights; 'hr'/'both' need HR)."""
@@ -213,30 +199,26 @@ class Pipeline:
     def check_policy_options(self, name, options: dict) -> dict:
         """Validate a policy name and the types and ranges of its options (before anything is built).
 
-        Counting options (frames, blocks, tokens) must be whole numbers in [0, limit] (see
-        `COUNT_OPTIONS`; 4.0 is taken as 4, 2.5 and True are refused); flags must be booleans.
-        Returns the options normalised. Whether a value fits the policy (whole blocks, at least one
-        block of window...) is checked by the policy itself."""
+        The limits live on the policy's config dataclass (field metadata, `packforcing.cache.config`):
+        counting options must be whole numbers in range (4.0 is taken as 4, 2.5 and True are
+        refused); flags must be booleans. Returns the options normalised. Whether a value fits the
+        policy (whole blocks, at least one block of window...) is checked by the policy itself."""
         if not isinstance(name, str) or name not in POLICIES:
             raise ValueError(f"unknown cache policy {name!r}; choose from {sorted(POLICIES)}")
+        fields = {f.name: f for f in dataclasses.fields(POLICIES[name].config_class)}
         out = {}
         for key, value in options.items():
-            if key in COUNT_OPTIONS:
+            f = fields.get(key)
+            kind = knob_kind(f) if f is not None else None
+            if kind in ("int", "float") and value is not None:
                 if isinstance(value, (float, np.floating)) and math.isfinite(value) and float(value).is_integer():
                     value = int(value)
-                if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-                    raise ValueError(f"{key} must be a whole number, got {value!r}")
-                value = int(value)
-                limit, unit = COUNT_OPTIONS[key]
-                if limit is None:
-                    limit = MAX_CACHE_FRAMES * self.geometry().tokens_per_frame
-                if value < 0:
-                    raise ValueError(f"{key} must be >= 0 {unit}, got {value}")
-                if value > limit:
-                    raise ValueError(f"{key}={value} is too large: at most {limit} {unit}")
-            elif key in FLAG_OPTIONS and not isinstance(value, (bool, np.bool_)):
+                if isinstance(value, np.integer):
+                    value = int(value)
+                check_number(f, value, self.geometry().tokens_per_frame)
+            elif kind == "bool" and not isinstance(value, (bool, np.bool_)):
                 raise ValueError(f"{key} must be true or false, got {value!r}")
-            out[key] = value
+            out[key] = bool(value) if kind == "bool" else value
         return out
 
     def cache_bytes(self, name: str, num_blocks: int, **options) -> int:
@@ -245,12 +227,9 @@ class Pipeline:
         from .compressor import Compressor as _Compressor
 
         offsets = _Compressor.token_centres(self.block_frames, *self.latent_hw)[0]
-        geometry = dataclasses.replace(self.geometry(), device=torch.device("meta"))
         options = {k: v for k, v in options.items() if k != "archive_device"}  # counted as device memory
-        policy = make_policy(name, geometry, compressed_t_offsets=offsets, **options)
-        with torch.device("meta"):
-            policy.reset(num_blocks)
-        return sum(t.numel() * t.element_size() for t in vars(policy).values() if isinstance(t, torch.Tensor))
+        policy = make_policy(name, self.geometry(), compressed_t_offsets=offsets, **options)
+        return policy.allocate(num_blocks, device=torch.device("meta")).nbytes()
 
     def check_cache_memory(self, name: str, num_blocks: int, **options) -> int:
         """Raise ValueError if the cache would take more than `MEMORY_HEADROOM` of the free memory
@@ -265,11 +244,15 @@ class Pipeline:
                 "archive, or a shorter video")
         return need
 
-    def build_policy(self, name: str, recorder=None, compressor_mode: str | None = None, **options):
+    def build_policy(self, name: str, _recorder=None, compressor_mode: str | None = None, **options):
+        """The pure policy ``name`` for this pipeline's geometry, and the compressor it uses.
+
+        The second positional argument is ignored (policies no longer report to a recorder; the
+        sampler does): it stays for existing callers."""
         options = self.check_policy_options(name, options)
         compressor = self.compressor_for(compressor_mode)
-        offsets = compressor.token_centres(self.block_frames, *self.latent_hw)[0]
-        policy = make_policy(name, self.geometry(), recorder=recorder, compressed_t_offsets=offsets, **options)
+        offsets = compressor.centres(self.block_frames, *self.latent_hw)[0]
+        policy = make_policy(name, self.geometry(), compressed_t_offsets=offsets, **options)
         if policy.compresses and min(self.latent_hw) < MIN_COMPRESSED_LATENT:
             side = MIN_COMPRESSED_LATENT * self.vae.spatial_ratio
             raise ValueError(f"cache policy {name!r} compresses blocks, which needs frames of at least {side}x{side} "
@@ -310,7 +293,7 @@ class Pipeline:
         seed = check_seed(seed)
         check_prompt(prompt)
         policy_options = self.check_policy_options(policy, policy_options)
-        cache, compressor = self.build_policy(policy, recorder, compressor_mode, **policy_options)
+        cache, compressor = self.build_policy(policy, compressor_mode=compressor_mode, **policy_options)
         self.check_cache_memory(policy, num_blocks, **policy_options)
         text = self.encode_prompt(prompt)
         if recorder is not None and recorder.enabled:
@@ -321,71 +304,9 @@ class Pipeline:
         return generate_blocks(
             self.transformer, text, cache, num_blocks, self.latent_hw, self.sampler, seed=seed,
             decoder=self.vae.streaming_decoder(), compressor=compressor, vae=self.vae, recorder=recorder,
+            fps=self.fps, temporal_ratio=self.vae.temporal_ratio,
         )
 
     def generate(self, prompt: str, seconds: float = 5.0, **kwargs) -> np.ndarray:
         """Whole video as uint8 [T, H, W, 3]."""
         return np.concatenate([to_uint8(block.pixels) for block in self.stream(prompt, seconds, **kwargs)])
-
-
-def check_prompt(prompt) -> str:
-    """Any script works; empty prompts and prompts over `MAX_PROMPT_CHARS` characters are refused."""
-    if prompt is not None and not isinstance(prompt, str):
-        raise ValueError(f"prompt must be text, got {type(prompt).__name__}")
-    if not prompt or not prompt.strip():
-        raise ValueError("prompt is empty")
-    if len(prompt) > MAX_PROMPT_CHARS:
-        raise ValueError(f"prompt is too long: {len(prompt)} characters (at most {MAX_PROMPT_CHARS})")
-    return prompt
-
-
-def check_seed(seed) -> int:
-    """Seeds are integers in [0, 2**63)."""
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        if isinstance(seed, float) and seed.is_integer():
-            seed = int(seed)
-        else:
-            raise ValueError(f"seed must be an integer, got {seed!r}")
-    if not 0 <= int(seed) < 2**63:
-        raise ValueError(f"seed must be in [0, 2**63), got {seed}")
-    return int(seed)
-
-
-def available_memory(device) -> int | None:
-    """Free memory in bytes on ``device`` (CUDA: free + cached by PyTorch; CPU: MemAvailable), or None."""
-    device = torch.device(device)
-    try:
-        if device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(device)
-            return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
-        if device.type == "cpu":
-            with open("/proc/meminfo") as f:
-                for line in f:
-                    if line.startswith("MemAvailable:"):
-                        return int(line.split()[1]) * 1024
-    except (OSError, RuntimeError, ValueError):
-        pass
-    return None
-
-
-def to_uint8(pixels: torch.Tensor) -> np.ndarray:
-    """[1, 3, T, H, W] in [-1, 1] -> uint8 [T, H, W, 3]."""
-    x = ((pixels[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.permute(1, 2, 3, 0).cpu().numpy()
-
-
-def write_video(frames: np.ndarray, path: str | Path, fps: int = 16) -> Path:
-    """Write uint8 [T, H, W, 3] to an H.264 mp4 with imageio-ffmpeg (no resizing)."""
-    import imageio.v2 as imageio
-
-    # imageio-ffmpeg starts ffmpeg with preexec_fn, which can deadlock the child in a process with
-    # other threads (seen: a 20-minute hang); this switches that off.
-    os.environ.setdefault("IMAGEIO_FFMPEG_NO_PREVENT_SIGINT", "1")
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with imageio.get_writer(path, fps=fps, codec="libx264", macro_block_size=1, quality=8,
-                            pixelformat="yuv420p") as writer:
-        for frame in frames:
-            writer.append_data(frame)
-    return path

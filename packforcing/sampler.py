@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .devices import synchronize
+
 NUM_TRAIN_TIMESTEPS = 1000
 
 
@@ -54,18 +56,15 @@ class SamplerConfig:
 
 @dataclass
 class BlockResult:
-    """One finished block. latents [B, C, F, h, w] (normalised); pixels [B, 3, n, H, W] in [-1, 1]."""
+    """One finished block. latents [B, C, F, h, w] (normalised); pixels [B, 3, n, H, W] in [-1, 1];
+    phases: seconds per phase (denoise, decode, compress, commit, select, rope)."""
 
     index: int
     latents: torch.Tensor
     pixels: torch.Tensor | None
     seconds: float
     phases: dict[str, float] = field(default_factory=dict)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    plan: object = None  # the block's `BlockPlan` (what was attended, where)
 
 
 class _Timer:
@@ -77,11 +76,11 @@ class _Timer:
 
         class _Ctx:
             def __enter__(self):
-                _sync(timer.device)
+                synchronize(timer.device)
                 self.t0 = time.perf_counter()
 
             def __exit__(self, *exc):
-                _sync(timer.device)
+                synchronize(timer.device)
                 timer.phases[name] = timer.phases.get(name, 0.0) + time.perf_counter() - self.t0
 
         return _Ctx()
@@ -100,9 +99,13 @@ def generate_blocks(
     compressor=None,
     vae=None,
     recorder=None,
+    fps: float = 16,
+    temporal_ratio: int = 4,
 ):
-    """Yield a `BlockResult` per block. ``text`` [B, L, text_dim]; ``decoder`` a `StreamingDecoder`
-    (None = no pixels); ``compressor``/``vae`` used when ``policy.compresses``.
+    """Yield a `BlockResult` per block. ``text`` [B, L, text_dim]; ``policy`` a pure `CachePolicy`
+    (the sampler allocates its store and drives plan -> apply -> forwards -> commit); ``decoder`` a
+    `StreamingDecoder` (None = no pixels); ``compressor``/``vae`` used when ``policy.compresses``;
+    ``fps`` and ``temporal_ratio`` (pixel frames per latent frame) give the seconds each block adds.
 
     Same seed, same inputs -> same latents. Closing the generator (a Stop) releases the cache.
     """
@@ -119,20 +122,25 @@ def generate_blocks(
         raise ValueError(f"policy {policy.name!r} needs a compressor")
     if decoder is not None:
         decoder.reset()
-    centres = compressor.token_centres(frames, h, w) if policy.compresses else None
-    policy.reset(num_blocks)
+    centres = compressor.centres(frames, h, w) if policy.compresses else None
+    prompt = model.prompt_context(text)  # cross-attention K/V once per prompt, not per forward
+    store = policy.allocate(num_blocks)
+    recording = recorder is not None and recorder.enabled
     try:
         for block in range(num_blocks):
             phases: dict[str, float] = {}
             timer = _Timer(device, phases)
             t_block = time.perf_counter()
-            t_start = policy.begin_block(block)
+            plan = policy.plan(block)
+            store.apply(plan)
+            t_start = plan.current_pos
             x = torch.randn(shape, generator=generator).to(device)
             with timer("denoise"):
                 for step, t in enumerate(timesteps):
                     sigma = t / NUM_TRAIN_TIMESTEPS
                     t_tensor = torch.full((batch,), t, device=device)
-                    flow = model.forward_block(x, t_tensor, text, policy, step=step, t_start=t_start)
+                    context = store.context(plan, step)
+                    flow = model.forward_block(x, t_tensor, prompt, context, step=step, t_start=t_start)
                     x0 = x - sigma * flow
                     if step + 1 < len(timesteps):
                         next_sigma = timesteps[step + 1] / NUM_TRAIN_TIMESTEPS
@@ -146,7 +154,7 @@ def generate_blocks(
                 with timer("decode"):
                     pixels = decoder.decode_block(x0)
             tokens = positions = None
-            if policy.needs_compression(block):
+            if plan.compress:
                 with timer("compress"):
                     tokens = compressor(
                         x0, pixels=pixels, vae=vae, patch_embedding=model.patch_embedding, first_block=block == 0
@@ -154,27 +162,36 @@ def generate_blocks(
                     t_c, h_c, w_c = centres
                     positions = torch.stack([t_c + t_start, h_c, w_c], dim=-1)
             with timer("commit"):
+                context = store.context(plan, len(timesteps), commit=True)
                 model.forward_block(
-                    x0, torch.zeros(batch, device=device), text, policy, step=len(timesteps), t_start=t_start,
+                    x0, torch.zeros(batch, device=device), prompt, context, step=len(timesteps), t_start=t_start,
                     commit=True, compressed=tokens, compressed_positions=positions, compressed_kv=config.compressed_kv,
                 )
-                policy.commit()
+                store.commit(plan)
+                policy.commit(plan)
+            phases.update(store.phase_seconds())  # select / rope inside the forwards (CUDA: events)
             seconds = time.perf_counter() - t_block
-            if recorder is not None and recorder.enabled:
+            if recording:
+                policy.record(recorder, plan, store.report(plan), len(timesteps))
                 for name, value in phases.items():
                     recorder.phase(block, name, value)
                 recorder.block_done(
-                    block, seconds, frames, _added_seconds(block, frames),  # both: what this block adds
+                    block, seconds, frames, _added_seconds(block, frames, fps, temporal_ratio),
                     policy.kv_tokens(), policy.kv_bytes(), _peak_memory(device),
                 )
-            yield BlockResult(block, x0, pixels, seconds, phases)
+            yield BlockResult(block, x0, pixels, seconds, phases, plan)
     finally:
-        policy.release()
+        store.release()
 
 
-def _added_seconds(block: int, block_frames: int, fps: int = 16) -> float:
-    """Seconds of video a block adds: 4·B_f pixel frames (4·B_f − 3 for the first block)."""
-    return (4 * block_frames - (3 if block == 0 else 0)) / fps
+def added_frames(block: int, block_frames: int, temporal_ratio: int = 4) -> int:
+    """Pixel frames a block adds: r·B_f (r·B_f − (r − 1) for the first block; r = the VAE's temporal ratio)."""
+    return temporal_ratio * block_frames - ((temporal_ratio - 1) if block == 0 else 0)
+
+
+def _added_seconds(block: int, block_frames: int, fps: float, temporal_ratio: int) -> float:
+    """Seconds of video a block adds (see `added_frames`)."""
+    return added_frames(block, block_frames, temporal_ratio) / fps
 
 
 def _peak_memory(device: torch.device) -> int | None:

@@ -98,6 +98,7 @@ class TraceRecorder:
         self.meta: dict = dict(meta or {})
         self._rows: dict[str, list] = {name: [] for name in TABLES}
         self._cache: dict[str, tuple[int, pd.DataFrame]] = {}
+        self._handed: dict[str, int] = dict.fromkeys(TABLES, 0)  # rows already given out by `new_rows`
         # bound appends: the hot path is one attribute lookup and one call
         self._occ, self._mid, self._pos, self._time, self._blk = (
             self._rows[name].append for name in TABLES)
@@ -150,6 +151,21 @@ class TraceRecorder:
             out[name] = cached[1].copy(deep=False)  # copy-on-write: callers can't touch the cache
         return out
 
+    def new_rows(self) -> dict[str, pd.DataFrame]:
+        """Tables of only the rows recorded since the previous call (the first call: all rows).
+
+        A live view appends these per block instead of rebuilding every table from all rows
+        (quadratic over a run). Rows of one block arrive together (the sampler records after the
+        block), so the per-(block, layer) ``rank`` of ``scores`` is complete in each delta."""
+        out = {}
+        for name in TABLES:
+            rows = self._rows[name]
+            end = len(rows)
+            build = _scores_frame if name == "scores" else _frame
+            out[name] = build(rows[self._handed[name] : end], name)
+            self._handed[name] = end
+        return out
+
     def summary(self) -> dict:
         """Headline numbers of the run (see :func:`summarize`)."""
         return summarize(self.tables(), self.meta)
@@ -159,6 +175,7 @@ class TraceRecorder:
         for rows in self._rows.values():
             rows.clear()
         self._cache.clear()
+        self._handed = dict.fromkeys(TABLES, 0)
         if meta:
             self.meta = {}
 

@@ -39,9 +39,12 @@ def tiny_geometry(block_frames=4, frame_hw=(2, 3), layers=2, heads=4, head_dim=3
 class SyntheticDriver:
     """Feeds a policy keys/values as the model would, from reproducible *un-rotated* tensors.
 
-    Block b, layer l has raw keys ``raw_key(b, l)`` [1, T, heads, d]; they are rotated at the
-    positions the policy gives (``t_start`` from `begin_block`, the spatial grid), exactly as the
-    attention processor does. Compressed tokens (N_c per block) likewise, at ``t_start + offset``.
+    Drives the lifecycle like the sampler: ``plan = policy.plan(b)``, ``store.apply(plan)``, one
+    `AttentionContext` per step (``score`` then ``update`` per layer, as the attention processor),
+    ``store.commit(plan)``, ``policy.commit(plan)``. Block b, layer l has raw keys ``raw_key(b, l)``
+    [1, T, heads, d]; they are rotated at the positions the plan gives (``current_pos``, the spatial
+    grid), exactly as the attention processor does. Compressed tokens (N_c per block) likewise, at
+    ``current_pos + offset``. ``store``, ``plan`` and ``step`` are the ones in use.
     """
 
     def __init__(self, policy, steps: int = 2, compressed_hw=None):
@@ -51,6 +54,9 @@ class SyntheticDriver:
         self.rope = Rope3D(g.head_dim)
         self.t_starts: dict[int, float] = {}
         self.compressed_hw = compressed_hw  # (h, w) positions [N_c] of compressed tokens
+        self.store = self.plan = None
+        self.step = -1
+        self.on_store = None  # called with the store right after it is allocated
 
     def raw(self, block: int, layer: int, kind: str, n: int) -> torch.Tensor:
         gen = torch.Generator().manual_seed(zlib.crc32(f"{block}/{layer}/{kind}".encode()))
@@ -60,7 +66,7 @@ class SyntheticDriver:
         return Rope3D.grid(self.g.block_frames, *self.g.frame_hw, t_start=t_start)
 
     def compressed_positions(self, t_start: float) -> torch.Tensor:
-        t_off = self.policy.t_offsets
+        t_off = torch.tensor(self.policy.t_offsets, dtype=torch.float64)
         h, w = self.compressed_hw
         return torch.stack([t_off + t_start, h, w], dim=-1)
 
@@ -68,32 +74,43 @@ class SyntheticDriver:
         cos, sin = self.rope.cos_sin(positions)
         return self.rope.apply_tokens(raw, cos, sin)
 
+    def selected(self, layer: int):
+        """The mid blocks ``layer`` attends in the block in progress (PackForcing)."""
+        return self.store.selected(self.plan, layer)
+
     def run_block(self, block: int, on_view=None):
         p, g, T = self.policy, self.g, self.g.tokens_per_block
-        t_start = p.begin_block(block)
+        self.plan = plan = p.plan(block)
+        self.store.apply(plan)
+        t_start = plan.current_pos
         self.t_starts[block] = t_start
         pos = self.block_positions(t_start)
         for step in range(self.steps + 1):
             commit = step == self.steps
-            p.begin_step(step, commit)
+            self.step = step
+            ctx = self.store.context(plan, step, commit)
             for layer in range(g.num_layers):
                 kind = "clean" if commit else f"noisy{step}"
                 k = self.rotated(self.raw(block, layer, "k" if commit else kind, T), pos)
                 q = self.rotated(self.raw(block, layer, "q" + kind, T), pos)
                 v = self.raw(block, layer, "v" if commit else "v" + kind, T)
-                keys, values = p.context_for(layer, q, k, v)
+                if ctx.wants_queries:
+                    ctx.score(layer, q)
+                keys, values = ctx.update(layer, k, v)
                 if on_view is not None:
                     on_view(block, step, layer, keys, values)
-                if commit and p.needs_compression(block):
+                if commit and plan.compress:
                     n_c = len(p.t_offsets)
                     cpos = self.compressed_positions(t_start)
                     kc = self.rotated(self.raw(block, layer, "kc", n_c), cpos)
-                    qc = self.rotated(self.raw(block, layer, "qc", n_c), cpos)
-                    p.compressed_context_for(layer, qc, kc, self.raw(block, layer, "vc", n_c))
-        p.commit()
+                    ctx.update_compressed(layer, kc, self.raw(block, layer, "vc", n_c))
+        self.store.commit(plan)
+        p.commit(plan)
 
     def rollout(self, num_blocks: int, on_view=None, after_block=None):
-        self.policy.reset(num_blocks)
+        self.store = self.policy.allocate(num_blocks)
+        if self.on_store is not None:
+            self.on_store(self.store)
         for block in range(num_blocks):
             self.run_block(block, on_view)
             if after_block is not None:

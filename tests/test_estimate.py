@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from analysis import estimate as est
-from packforcing.cache import make_policy
+from packforcing.cache import KVBuffer, make_policy
 from packforcing.compressor import Compressor
 
 TINY = est.PRESETS["tiny"]
@@ -63,13 +63,14 @@ def test_parameter_counts_and_bytes_per_token():
     assert params["vae"] == 126_892_531
     assert params["text_encoder"] == 5_680_910_336
     assert WAN.bytes_per_token == 184_320
+    from packforcing.embedded import default_pipeline
     from packforcing.pipeline import Pipeline
 
     pipe = Pipeline.tiny_random()  # the "tiny" preset: the tiny architecture with random weights
     assert est.parameter_counts(TINY)["transformer"] == sum(p.numel() for p in pipe.transformer.parameters())
     assert est.estimate(pipe, "full", 5, with_params=False)["kv_bytes"] == \
         est.estimate("tiny", "full", 5, with_params=False)["kv_bytes"]
-    for pipe in (pipe, Pipeline.default()):  # and whatever the embedded default model is
+    for pipe in (pipe, default_pipeline()):  # and whatever the embedded default model is
         spec = est.spec_from_pipeline(pipe)
         assert est.parameter_counts(spec)["transformer"] == sum(p.numel() for p in pipe.transformer.parameters())
         assert spec.tokens_per_block == pipe.geometry().tokens_per_block
@@ -100,21 +101,26 @@ def _rollout(policy, num_blocks: int, n_c: int, steps: int = 1):
 
     T = g.tokens_per_block
     attended, kv = [], []
-    policy.reset(num_blocks)
+    store = policy.allocate(num_blocks)
     for b in range(num_blocks):
-        policy.begin_block(b)
+        plan = policy.plan(b)
+        store.apply(plan)
         seen = set()
         for step in range(steps + 1):
             commit = step == steps
-            policy.begin_step(step, commit)
+            ctx = store.context(plan, step, commit)
             for layer in range(g.num_layers):
-                keys, _ = policy.context_for(layer, rnd(T), rnd(T), rnd(T))
+                q = rnd(T)
+                if ctx.wants_queries:
+                    ctx.score(layer, q)
+                keys, _ = ctx.update(layer, rnd(T), rnd(T))
                 seen.add(keys.shape[2])
                 if commit and policy.needs_compression(b):
-                    policy.compressed_context_for(layer, rnd(n_c), rnd(n_c), rnd(n_c))
+                    ctx.update_compressed(layer, rnd(n_c), rnd(n_c))
         assert len(seen) == 1  # every step and layer attends the same number of keys
         attended.append(seen.pop())
-        policy.commit()
+        store.commit(plan)
+        policy.commit(plan)
         kv.append(policy.kv_bytes())
     return attended, kv
 
@@ -154,13 +160,14 @@ def test_allocated_bytes_match_the_buffers(policy, options):
     spec = SMALL
     offsets = Compressor.token_centres(spec.block_frames, *spec.latent_hw)[0]
     obj = make_policy(policy, spec.geometry(), compressed_t_offsets=offsets, **options)
-    obj.reset(n)
-    constants = {"t_offsets", "score_heads"}  # small index/position tensors, not buffers
-    held = sum(t.numel() * t.element_size() for k, t in vars(obj).items()
-               if isinstance(t, torch.Tensor) and k not in constants)
+    store = obj.allocate(n)
+    constants = store.CONSTANTS  # small index/position tensors, not buffers
+    tensors = [t for k, t in vars(store).items() if isinstance(t, torch.Tensor) and k not in constants]
+    tensors += [t for b in vars(store).values() if isinstance(b, KVBuffer) for t in (b.keys, b.values) if t is not None]
+    held = sum(t.numel() * t.element_size() for t in tensors)
     alloc = est.allocated_kv_bytes(spec, policy, n, **options)
     assert alloc["device"] + alloc["host"] == held
-    assert alloc["host"] == (16 * spec.layers * obj.keep if policy == "deep_sink" else 0)
+    assert alloc["host"] == 0  # deep_sink's index tables now live on the device too (no host reads)
 
 
 def test_estimate_flops_use_the_attended_tokens():

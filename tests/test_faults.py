@@ -17,7 +17,7 @@ import imageio_ffmpeg
 import pytest
 import torch
 
-from packforcing import safety, studio
+from packforcing import embedded, safety, studio
 from packforcing.__main__ import main
 from packforcing.pipeline import Pipeline
 from packforcing.trace import load_tables
@@ -31,9 +31,9 @@ def frames(path) -> int:
     return imageio_ffmpeg.count_frames_and_secs(str(path))[0]
 
 
-def released(policy) -> bool:
-    """A policy whose buffers were freed (`CachePolicy.release` drops every tensor attribute)."""
-    return not any(isinstance(v, torch.Tensor) for v in vars(policy).values())
+def released(store) -> bool:
+    """A store whose buffers were freed (`CacheStore.release` drops every K/V buffer)."""
+    return not store.buffers()
 
 
 def digest(directory: Path) -> dict[str, str]:
@@ -59,13 +59,20 @@ def env(pipe, tmp_path, monkeypatch):
 
 @pytest.fixture()
 def policies(monkeypatch):
-    """Every cache policy built, in order (the last one is the run's)."""
+    """The store of every cache policy built, in order (the last one is the run's)."""
     built = []
     original = Pipeline.build_policy
 
     def spy(self, *args, **kwargs):
         policy, compressor = original(self, *args, **kwargs)
-        built.append(policy)
+        allocate = policy.allocate
+
+        def allocate_and_keep(*a, **kw):
+            store = allocate(*a, **kw)
+            built.append(store)
+            return store
+
+        policy.allocate = allocate_and_keep
         return policy, compressor
 
     monkeypatch.setattr(Pipeline, "build_policy", spy)
@@ -77,7 +84,7 @@ def fail_at_block(monkeypatch, pipe, block: int, error: BaseException):
     original = pipe.transformer.forward_block
 
     def forward_block(latents, timestep, text, cache, *args, **kwargs):
-        if cache.block_index == block:
+        if cache.block == block:
             raise error
         return original(latents, timestep, text, cache, *args, **kwargs)
 
@@ -147,7 +154,7 @@ def test_out_of_memory_ends_the_run_with_a_clear_message(env, pipe, policies, mo
 
 
 def test_cli_out_of_memory_writes_the_finished_blocks(env, pipe, monkeypatch, capsys):
-    monkeypatch.setattr(Pipeline, "default", classmethod(lambda cls: pipe))
+    monkeypatch.setattr(embedded, "default_pipeline", lambda: pipe)
     fail_at_block(monkeypatch, pipe, 1, torch.OutOfMemoryError("CUDA out of memory."))
     out = env / "cli.mp4"
     assert main(["generate", "--prompt", PROMPT, "--seconds", "3", "--policy", "window", "--out", str(out)]) == 1

@@ -40,7 +40,7 @@ def test_full_size_context_is_27872_tokens():
 )
 def test_bounded_over_120_blocks(options):
     policy, driver = pf_policy(**options)
-    g, n_c = policy.geometry, policy.n_c
+    g, n_c = policy.geometry, policy.compressed_tokens
     limit = options["sink_frames"] * g.tokens_per_frame + options["top_k"] * n_c \
         + options["recent_frames"] * g.tokens_per_frame + g.tokens_per_block
     attended = []
@@ -65,34 +65,40 @@ def test_full_to_reduced_exchange():
     backups = {}
 
     def after_block(block):
+        store, n_c = driver.store, policy.compressed_tokens
         if policy.needs_compression(block):
-            backups[block] = policy.pend_k.clone()
+            backups[block] = store.pending.keys.clone()
         assert [h.block for h in policy.recent] == list(range(max(1, block - 1), block + 1))
         for held in policy.archive:
-            slot = slice(held.slot * policy.n_c, (held.slot + 1) * policy.n_c)
-            assert torch.equal(policy.arch_k[:, :, :, slot], backups[held.block])
+            slot = slice(held.slot * n_c, (held.slot + 1) * n_c)
+            assert torch.equal(store.archive.keys[:, :, :, slot], backups[held.block])
 
     driver.rollout(8, after_block=after_block)
     assert [h.block for h in policy.archive] == list(range(1, 6))
 
 
+def positions_of(policy, driver, layer):
+    """(region, source block, temporal start) of every block ``layer`` attends in the block in progress."""
+    return policy.positions(driver.plan, driver.selected(layer))
+
+
 def fresh_keys_check(policy, driver, layer):
     """Every attended cached region equals keys freshly rotated at its assigned position."""
-    g, T, n_c = policy.geometry, policy.geometry.tokens_per_block, policy.n_c
-    ws = policy.ws_k[layer]
+    g, T, n_c = policy.geometry, policy.geometry.tokens_per_block, policy.compressed_tokens
+    ws = driver.store.workspace.keys[layer]
     for held in policy.sink:
-        got = ws[:, :, policy.sink_off + held.slot * T :][:, :, :T]
+        got = ws[:, :, policy.sink_offset + held.slot * T :][:, :, :T]
         ref = driver.rotated(driver.raw(held.block, layer, "k", T), driver.block_positions(held.pos))
         torch.testing.assert_close(got, ref.transpose(1, 2), rtol=0, atol=1e-5)
     for held in policy.recent:
-        got = ws[:, :, policy.recent_off + held.slot * T :][:, :, :T]
+        got = ws[:, :, policy.recent_offset + held.slot * T :][:, :, :T]
         ref = driver.rotated(driver.raw(held.block, layer, "k", T), driver.block_positions(held.pos))
         torch.testing.assert_close(got, ref.transpose(1, 2), rtol=0, atol=1e-5)
-    regions = {block: pos for region, block, pos in policy.positions(layer) if region == "mid_selected"}
-    for i, held in enumerate(policy.selected[layer]):
-        got = ws[:, :, policy.mid_off + i * n_c :][:, :, :n_c]
+    regions = {block: pos for region, block, pos in positions_of(policy, driver, layer) if region == "mid_selected"}
+    for i, held in enumerate(driver.selected(layer)):
+        got = ws[:, :, policy.mid_offset + i * n_c :][:, :, :n_c]
         pos = driver.compressed_positions(0.0)
-        pos[:, 0] = regions[held.block] + policy.t_offsets * policy.span / g.block_frames
+        pos[:, 0] = regions[held.block] + torch.tensor(policy.t_offsets) * policy.span / g.block_frames
         ref = driver.rotated(driver.raw(held.block, layer, "kc", n_c), pos)
         torch.testing.assert_close(got, ref.transpose(1, 2), rtol=0, atol=1e-5)
 
@@ -106,7 +112,7 @@ def test_rope_adjustment_repositions_keys_exactly(mid_span):
         if step != 0:
             return
         fresh_keys_check(policy, driver, layer)
-        positions = policy.positions(layer)
+        positions = positions_of(policy, driver, layer)
         starts = [pos for _, _, pos in positions]
         sizes = [policy.span if region == "mid_selected" else B for region, _, _ in positions]
         assert starts[0] == 0.0 or not policy.sink
@@ -128,7 +134,7 @@ def test_without_adjustment_keys_keep_absolute_positions():
 
     def on_view(block, step, layer, keys, values):
         assert driver.t_starts[block] == block * B
-        for region, src, pos in policy.positions(layer):
+        for region, src, pos in positions_of(policy, driver, layer):
             assert pos == src * B
 
     driver.rollout(10, on_view=on_view)
@@ -139,7 +145,7 @@ def aligned_policy(rope_adjust, scores_by_block, top_k=3):
     which temporal re-rotation never touches, so the scores are known in advance."""
     policy, driver = pf_policy(sink_frames=4, recent_frames=4, top_k=top_k, archive_blocks=len(scores_by_block),
                                rope_adjust=rope_adjust)
-    d, t_dim = policy.geometry.head_dim, policy.rope.t_dim
+    d, t_dim = policy.geometry.head_dim, driver.rope.t_dim
     u = torch.zeros(d)
     u[-2] = 1.0  # a width channel; its pair partner stays 0 and the w-position of all tokens is 0
     original_raw = driver.raw
@@ -153,7 +159,7 @@ def aligned_policy(rope_adjust, scores_by_block, top_k=3):
         return x
 
     driver.raw = raw
-    driver.compressed_hw = (torch.zeros(policy.n_c), torch.zeros(policy.n_c))
+    driver.compressed_hw = (torch.zeros(policy.compressed_tokens), torch.zeros(policy.compressed_tokens))
     return policy, driver
 
 
@@ -164,10 +170,14 @@ def test_topk_picks_the_highest_scoring_blocks(rope_adjust):
     scores = {b: values[b] for b in range(20)}
     policy, driver = aligned_policy(rope_adjust, scores, top_k=3)
     calls = []
-    original = policy._scores
-    policy._scores = lambda layer, q: calls.append((policy.block_index, policy.step, layer)) or original(layer, q)
+
+    def count_scoring(store):
+        original = store._scores
+        store._scores = lambda layer, q: calls.append((policy.block_index, driver.step, layer)) or original(layer, q)
+
+    driver.on_store = count_scoring
     picks = {}
-    driver.rollout(16, after_block=lambda b: picks.setdefault(b, [h.block for h in policy.selected[0]]))
+    driver.rollout(16, after_block=lambda b: picks.setdefault(b, [h.block for h in driver.selected(0)]))
     last = picks[15]
     candidates = list(range(1, 14))  # while block 15 runs: sink = block 0, recent = block 14
     expected = sorted(sorted(candidates, key=lambda b: -scores[b])[:3])
@@ -178,14 +188,14 @@ def test_topk_picks_the_highest_scoring_blocks(rope_adjust):
     # deterministic
     policy2, driver2 = aligned_policy(rope_adjust, scores, top_k=3)
     picks2 = {}
-    driver2.rollout(16, after_block=lambda b: picks2.setdefault(b, [h.block for h in policy2.selected[0]]))
+    driver2.rollout(16, after_block=lambda b: picks2.setdefault(b, [h.block for h in driver2.selected(0)]))
     assert picks2 == picks
 
 
 def test_recency_selection_takes_the_newest():
     policy, driver = pf_policy(sink_frames=4, recent_frames=4, top_k=2, archive_blocks=6, selection="recency")
     picks = {}
-    driver.rollout(12, after_block=lambda b: picks.setdefault(b, [h.block for h in policy.selected[0]]))
+    driver.rollout(12, after_block=lambda b: picks.setdefault(b, [h.block for h in driver.selected(0)]))
     assert picks[11] == [8, 9]
 
 

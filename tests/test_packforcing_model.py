@@ -23,9 +23,9 @@ def geometry():
     return tiny_geometry(4, (4, 4), TINY["num_layers"], TINY["num_attention_heads"], 32)
 
 
-def pf(compressor, recorder=None, **options):
+def pf(compressor, **options):
     offsets = compressor.token_centres(4, *HW)[0]
-    return make_policy("packforcing", geometry(), recorder=recorder, compressed_t_offsets=offsets, **options)
+    return make_policy("packforcing", geometry(), compressed_t_offsets=offsets, **options)
 
 
 def rollout(model, policy, compressor=None, blocks=8, recorder=None, compressed_kv="commit"):
@@ -39,27 +39,33 @@ def rollout(model, policy, compressor=None, blocks=8, recorder=None, compressed_
 def test_full_resolution_kv_identical_with_compression_on_and_off(tiny_model, compressor, compressed_kv):
     """The commit pass with compressed tokens riding along writes bit-identical block K/V."""
     policy = pf(compressor, sink_frames=4, recent_frames=4, top_k=2, archive_blocks=4)
-    policy.reset(4)
+    store = policy.allocate(4)
+    ws = store.workspace
     text, x0 = torch.ones(1, 4, 64), torch.randn(1, 16, 4, *HW)
     T = policy.geometry.tokens_per_block
     for block in range(2):  # block 0 -> sink; block 1 -> recent, with compression
-        t_start = policy.begin_block(block)
+        plan = policy.plan(block)
+        store.apply(plan)
+        t_start = plan.current_pos
         with torch.no_grad():
-            plain = tiny_model.forward_block(x0, torch.zeros(1), text, policy, step=4, t_start=t_start, commit=True)
-            k_plain, v_plain = policy.ws_k[:, :, :, :T].clone(), policy.ws_v[:, :, :, :T].clone()
+            plain = tiny_model.forward_block(x0, torch.zeros(1), text, store.context(plan, 4, True), step=4,
+                                             t_start=t_start, commit=True)
+            k_plain, v_plain = ws.keys[:, :, :, :T].clone(), ws.values[:, :, :, :T].clone()
             tokens = compressor(x0) if policy.needs_compression(block) else None
             positions = None
             if tokens is not None:
                 t_c, h_c, w_c = compressor.token_centres(4, *HW)
                 positions = torch.stack([t_c + t_start, h_c, w_c], -1)
-            with_c = tiny_model.forward_block(x0, torch.zeros(1), text, policy, step=4, t_start=t_start, commit=True,
+            with_c = tiny_model.forward_block(x0, torch.zeros(1), text, store.context(plan, 4, True), step=4,
+                                              t_start=t_start, commit=True,
                                               compressed=tokens, compressed_positions=positions,
                                               compressed_kv=compressed_kv)
-        assert torch.equal(policy.ws_k[:, :, :, :T], k_plain) and torch.equal(policy.ws_v[:, :, :, :T], v_plain)
+        assert torch.equal(ws.keys[:, :, :, :T], k_plain) and torch.equal(ws.values[:, :, :, :T], v_plain)
         assert torch.equal(with_c, plain)
         if tokens is not None:
-            assert policy.pend_k.abs().sum() > 0  # the compressed K/V were produced
-        policy.commit()
+            assert store.pending.keys.abs().sum() > 0  # the compressed K/V were produced
+        store.commit(plan)
+        policy.commit(plan)
 
 
 def test_no_mid_and_no_adjustment_is_exactly_sink_window(tiny_model, compressor):
@@ -82,9 +88,9 @@ def test_all_mid_selected_before_any_drop_equals_full_history_positions(tiny_mod
 
 def test_trace_does_not_change_latents_and_round_trips(tiny_model, compressor, tmp_path):
     recorder = TraceRecorder()
-    traced = rollout(tiny_model, pf(compressor, recorder, sink_frames=4, recent_frames=4, top_k=2, archive_blocks=3),
+    traced = rollout(tiny_model, pf(compressor, sink_frames=4, recent_frames=4, top_k=2, archive_blocks=3),
                      compressor, recorder=recorder)
-    plain = rollout(tiny_model, pf(compressor, NullRecorder(), sink_frames=4, recent_frames=4, top_k=2,
+    plain = rollout(tiny_model, pf(compressor, sink_frames=4, recent_frames=4, top_k=2,
                                    archive_blocks=3), compressor, recorder=NullRecorder())
     assert all(torch.equal(a, b) for a, b in zip(traced, plain))
     tables = recorder.tables()

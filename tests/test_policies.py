@@ -65,11 +65,11 @@ def test_full_grows_linearly():
 def test_buffers_are_preallocated_and_views_alias_them():
     geometry = tiny_geometry(B)
     policy = make_policy("window", geometry, window_frames=8)
-    views = []
-    SyntheticDriver(policy, steps=1).rollout(
-        10, on_view=lambda b, s, layer, k, v: views.append(k.untyped_storage().data_ptr())
-    )
-    assert set(views) == {policy.k.untyped_storage().data_ptr()}  # every view is a slice of one buffer
+    views, policy_store = [], []
+    driver = SyntheticDriver(policy, steps=1)
+    driver.on_store = policy_store.append
+    driver.rollout(10, on_view=lambda b, s, layer, k, v: views.append(k.untyped_storage().data_ptr()))
+    assert set(views) == {policy_store[0].workspace.keys.untyped_storage().data_ptr()}  # every view is a slice of one buffer
 
 
 @pytest.mark.parametrize(
@@ -90,9 +90,9 @@ def test_bad_knobs_are_clear_errors(name, options, message):
 
 def test_release_frees_buffers():
     policy = make_policy("full", tiny_geometry(B))
-    policy.reset(3)
-    policy.release()
-    assert policy.k is None and policy.v is None
+    store = policy.allocate(3)
+    store.release()
+    assert store.workspace is None and not store.buffers()
 
 
 def test_registry_lists_the_policies():
@@ -110,20 +110,21 @@ def test_deep_sink_bounded_and_realigned():
     def on_view(block, step, layer, keys, values):
         assert keys.shape[2] <= limit
         assert policy.kv_tokens() <= policy.budget_tokens()
-        n = policy.kept_count[layer]
+        store = driver.store
+        n = policy.kept_tokens
         if step == 0 and n:
-            pos = policy.kept_pos[layer, :n]
-            recent_pos = policy.recent[0][1]
-            assert pos.max() < recent_pos and pos.min() >= policy.sink[0][1] + B  # between sink and recent
+            pos = store.kept_pos[layer, :n]
+            recent_pos = policy.recent[0].pos
+            assert pos.max() < recent_pos and pos.min() >= policy.sink[0].pos + B  # between sink and recent
             assert (pos[1:] >= pos[:-1]).all()  # temporal order kept
             # each kept token equals its raw key freshly rotated at its assigned temporal position
-            src = policy.kept_src[layer, :n]
-            got = policy.ws_k[layer, :, :, policy.kept_off : policy.kept_off + n]
+            src = store.kept_source[layer, :n]
+            got = store.workspace.keys[layer, :, :, policy.kept_offset : policy.kept_offset + n]
             grid = driver.block_positions(0.0)
             for i in range(n):
                 blk, j = divmod(int(src[i]), T)
                 pos = grid[j : j + 1].clone()
-                pos[0, 0] = float(policy.kept_pos[layer, i])
+                pos[0, 0] = float(store.kept_pos[layer, i])
                 ref = driver.rotated(driver.raw(blk, layer, "k", T)[:, j : j + 1], pos)
                 torch.testing.assert_close(got[:, :, i], ref[:, 0], rtol=0, atol=1e-5)
             if block == 59:
@@ -135,7 +136,8 @@ def test_deep_sink_bounded_and_realigned():
 def test_deep_sink_drops_only_low_attention_tokens():
     geometry = tiny_geometry(B, frame_hw=(2, 2))
     policy = make_policy("deep_sink", geometry, sink_frames=4, recent_frames=4, keep_tokens=8, rope_adjust=False)
-    SyntheticDriver(policy, steps=0).rollout(12)
-    assert all(count == 8 for count in policy.kept_count)
-    frames = policy.kept_frame(0)
+    driver = SyntheticDriver(policy, steps=0)
+    driver.rollout(12)
+    assert policy.kept_tokens == 8  # in every layer
+    frames = driver.store.kept_frame(driver.plan, 0)
     assert (frames >= 4).all() and (frames < 40).all()  # neither sink nor recent frames

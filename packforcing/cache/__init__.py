@@ -1,13 +1,29 @@
-"""Cache policies, one interface (`CachePolicy`), swappable by name with `make_policy`."""
+"""Cache policies by name (`make_policy`), each in three parts: pure policy, store, attention context.
+
+    policy (no tensors)  --plan(b)-->  BlockPlan  --apply-->  store (preallocated K/V)
+      sink/recent/archive             regions, RoPE starts,      --context(plan, step)-->  AttentionContext
+      metadata, config                evictions, selection         score(layer, q) at step 0; update(layer, k, v)
+
+One block's life (the sampler owns it; nothing else changes the cache):
+    plan = policy.plan(b)               # where every held block sits, at which position; what leaves
+    store.apply(plan)                   # re-rotate moved blocks; fixed/shared selection; index tensors
+    for step in (*steps, commit):       # one store.context(plan, step, commit) per forward
+        model.forward_block(..., ctx)   # each layer: [ctx.score(q)], ctx.update(k, v) -> attended K/V
+    store.commit(plan); policy.commit(plan)                     # K/V to their region; metadata follows
+    policy.record(recorder, plan, store.report(plan), steps)    # trace rows, read after the block
+"""
 
 from __future__ import annotations
 
-import dataclasses
-
-from .base import PARTITIONS, CacheGeometry, CachePolicy
-from .deep_sink import DeepSinkCache
+from .config import PolicyConfig, build_config
+from .context import AttentionContext
+from .deep_sink import DeepSinkCache, DeepSinkConfig
+from .geometry import PARTITIONS, CacheGeometry
 from .packforcing import PackForcingCache, PackForcingConfig
-from .simple import FullCache, SinkWindowCache, WindowCache
+from .plan import BlockPlan
+from .policy import CachePolicy
+from .simple import FullCache, SinkWindowCache, WindowCache, window_from_local_attn_size
+from .store import CacheStore, KVBuffer
 
 POLICIES = {
     "full": FullCache,
@@ -18,24 +34,26 @@ POLICIES = {
 }
 
 
-def make_policy(name: str, geometry: CacheGeometry, recorder=None, compressed_t_offsets=None, **options) -> CachePolicy:
-    """Build a policy by name. ``options`` are its knobs (e.g. ``window_frames=12``, ``top_k=16``);
-    ``compressed_t_offsets`` [N_c] (from `Compressor.token_centres`) is needed by compressing policies."""
+def make_policy(name: str, geometry: CacheGeometry, compressed_t_offsets=None, **options) -> CachePolicy:
+    """Build a policy by name. ``options`` are its config fields (e.g. ``window_frames=12``,
+    ``top_k=16``); ``compressed_t_offsets`` [N_c] (from `Compressor.token_centres`) is needed by
+    compressing policies."""
     if name not in POLICIES:
         raise ValueError(f"unknown cache policy {name!r}; choose from {sorted(POLICIES)}")
     cls = POLICIES[name]
-    if cls is PackForcingCache:
-        fields = {f.name for f in dataclasses.fields(PackForcingConfig)}
-        unknown = set(options) - fields
-        if unknown:
-            raise ValueError(f"unknown option(s) {sorted(unknown)} for policy 'packforcing'; valid: {sorted(fields)}")
-        if compressed_t_offsets is None:
-            raise ValueError("policy 'packforcing' needs compressed_t_offsets (from the compressor)")
-        return cls(geometry, compressed_t_offsets, recorder=recorder, config=PackForcingConfig(**options))
     try:
-        return cls(geometry, recorder=recorder, **options)
-    except TypeError as err:
+        config = build_config(cls.config_class, options, name)
+    except ValueError as err:
+        if cls.compresses:
+            raise
         raise ValueError(f"bad option for policy {name!r}: {err}") from None
+    if cls.compresses:
+        if compressed_t_offsets is None:
+            raise ValueError(f"policy {name!r} needs compressed_t_offsets (from the compressor)")
+        return cls(geometry, compressed_t_offsets, config=config)
+    return cls(geometry, config=config)
 
 
-__all__ = ["PARTITIONS", "POLICIES", "CacheGeometry", "CachePolicy", "PackForcingConfig", "make_policy"]
+__all__ = ["PARTITIONS", "POLICIES", "AttentionContext", "BlockPlan", "CacheGeometry", "CachePolicy", "CacheStore",
+           "DeepSinkConfig", "KVBuffer", "PackForcingConfig", "PolicyConfig", "make_policy",
+           "window_from_local_attn_size"]

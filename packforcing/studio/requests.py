@@ -1,0 +1,160 @@
+"""Requests: raw UI values checked into a `RunRequest` (or a `StudioError` meant for the user), and
+the ZeroGPU duration a request asks for."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from .. import safety
+from ..cache import POLICIES
+from ..knobs import StudioError, coerce_knob, introspect, policy_compresses, policy_names, shown
+from ..inputs import check_seed
+from ..pipeline import COMPRESSOR_MODES
+from .models import DEFAULT_MODEL, get_pipeline, max_seconds, min_seconds, model_key
+from .runs import MAX_SECONDS_ENV
+
+MIN_SECONDS = safety.DEFAULT_MIN_SECONDS  # the default; PACKFORCING_MIN_SECONDS may lower it (see min_seconds)
+MAX_PROMPT_CHARS = 500
+MAX_SEED = 2**31 - 1  # what a random seed is drawn from (any seed in [0, 2**63) is accepted)
+
+# ZeroGPU duration estimate (seconds of GPU time requested per call).
+GPU_OVERHEAD_S = 20.0  # moving weights, warm-up, writing the video
+GPU_SECONDS_PER_BLOCK = 1.2  # Wan2.1-1.3B, 4-frame blocks, 4 steps + commit, on an H100/H200
+GPU_MARGIN = 1.5
+GPU_MAX_DURATION_S = 900
+
+
+# ---- requests ------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class RunRequest:
+    """A validated generation request (picklable: it crosses into the GPU process on ZeroGPU)."""
+
+    prompt: str
+    seconds: float
+    seed: int
+    policy: str
+    options: Mapping[str, Any]
+    compressor_mode: str | None
+    model: str
+    num_blocks: int
+    fps: int
+
+    def with_policy(self, policy: str, options: Mapping[str, Any] | None = None) -> RunRequest:
+        return validate_request(self.prompt, self.seconds, self.seed, policy, options or {},
+                                self.compressor_mode, self.model)
+
+    @property
+    def label(self) -> str:
+        return f"{self.policy}, seed {self.seed}, {self.seconds:g} s"
+
+
+def random_seed() -> int:
+    return random.SystemRandom().randint(0, MAX_SEED)
+
+
+def prompt_warning(prompt: str, model: str = DEFAULT_MODEL) -> str | None:
+    """A non-fatal note about a prompt (e.g. words the embedded tiny world does not know)."""
+    if model != "embedded" or not isinstance(prompt, str) or not prompt.strip():
+        return None
+    from ..world.captions import parse_caption
+
+    try:
+        parse_caption(prompt)
+    except ValueError as err:
+        return f"The embedded tiny-world model only knows simple scenes; {err}"
+    return None
+
+
+def validate_request(
+    prompt,
+    seconds,
+    seed,
+    policy: str,
+    options: Mapping[str, Any] | None = None,
+    compressor_mode: str | None = None,
+    model: str = DEFAULT_MODEL,
+    randomize_seed: bool = False,
+) -> RunRequest:
+    """Check raw UI values; raise :class:`StudioError` with a clear message on the first bad one.
+
+    ``options`` may hold knobs of other policies (a UI sends all of them): only the knobs the
+    chosen policy accepts are kept. The policy is built once (no allocation) so that option
+    errors (e.g. frames that are not whole blocks) surface before the run starts.
+    """
+    if prompt is None or (isinstance(prompt, str) and not prompt.strip()):
+        raise StudioError("Please enter a prompt: it is empty.")
+    if not isinstance(prompt, str):
+        raise StudioError(f"The prompt must be text, got {type(prompt).__name__}.")
+    prompt = " ".join(prompt.split())
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise StudioError(f"The prompt is too long ({len(prompt)} characters; at most {MAX_PROMPT_CHARS}).")
+    limit, shortest = max_seconds(), min_seconds()
+    try:
+        if isinstance(seconds, bool):
+            raise TypeError
+        seconds = float(seconds)
+    except OverflowError:  # an int beyond float range
+        seconds = math.inf
+    except (TypeError, ValueError):
+        raise StudioError(f"The duration must be a number of seconds, got {shown(seconds)}.") from None
+    if not math.isfinite(seconds) or not shortest <= seconds <= limit:
+        raise StudioError(
+            f"The duration must be between {shortest:g} and {limit:g} seconds, got {seconds:g}."
+            + ("" if seconds <= limit or not math.isfinite(seconds)
+               else f" Longer videos can be enabled with the {MAX_SECONDS_ENV} setting."))
+    if randomize_seed:
+        seed = random_seed()
+    raw_seed = seed
+    try:
+        if isinstance(seed, str):
+            seed = float(seed.strip())
+        if isinstance(seed, (float, np.floating)) and float(seed).is_integer():
+            seed = int(seed)
+        seed = check_seed(seed)
+    except (TypeError, ValueError, OverflowError):
+        raise StudioError(f"The seed must be a whole number between 0 and 2^63 - 1, got {shown(raw_seed)}.") from None
+    if not isinstance(policy, str) or policy not in POLICIES:
+        raise StudioError(f"Unknown cache policy {shown(policy)}; choose from {policy_names()}.")
+    model = model_key(model)
+    pipe = get_pipeline(model)
+    accepted = introspect(policy)
+    chosen = {k: coerce_knob(policy, k, v, *accepted[k], block_frames=pipe.block_frames)
+              for k, v in (options or {}).items() if k in accepted}
+    chosen = {k: v for k, v in chosen.items() if v is not None}  # None = the policy's derived/automatic default
+    if compressor_mode is not None and compressor_mode not in COMPRESSOR_MODES:
+        raise StudioError(f"Unknown compressor branch {shown(compressor_mode)}; choose from {list(COMPRESSOR_MODES)}.")
+    if not policy_compresses(policy):
+        compressor_mode = None
+    try:
+        num_blocks = pipe.num_blocks(seconds)
+        pipe.build_policy(policy, compressor_mode=compressor_mode, **chosen)
+        pipe.check_cache_memory(policy, num_blocks, **chosen)
+    except (TypeError, ValueError) as err:
+        raise StudioError(f"Cache policy {policy!r}: {err}") from None
+    return RunRequest(prompt, seconds, seed, policy, dict(chosen), compressor_mode, model, num_blocks, pipe.fps)
+
+
+def gpu_duration(seconds: float, per_block: float = GPU_SECONDS_PER_BLOCK, overhead: float = GPU_OVERHEAD_S,
+                 block_seconds: float = 1.0) -> int:
+    """ZeroGPU seconds to request for a video of ``seconds``: overhead + blocks × per-block time × margin.
+
+    ``block_seconds`` is the video one block adds (`Pipeline.block_seconds`: VAE temporal ratio ×
+    latent frames per block / fps; 4·4/16 = 1 s for 4-frame blocks at 16 fps).
+    5 s -> 29 s, 60 s -> 128 s, 120 s -> 236 s (capped at 900 s).
+    """
+    return blocks_gpu_duration(max(1, math.ceil(float(seconds) / block_seconds)), per_block, overhead)
+
+
+def blocks_gpu_duration(blocks: int, per_block: float = GPU_SECONDS_PER_BLOCK, overhead: float = GPU_OVERHEAD_S) -> int:
+    """ZeroGPU seconds to request for ``blocks`` blocks (see `gpu_duration`)."""
+    return int(min(GPU_MAX_DURATION_S, math.ceil(overhead + blocks * per_block * GPU_MARGIN)))
+
+
+def _request_duration(request: RunRequest, *args, **kwargs) -> int:
+    return blocks_gpu_duration(request.num_blocks)  # the model's own blocks (its fps, VAE ratio, block size)

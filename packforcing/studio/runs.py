@@ -1,0 +1,154 @@
+"""Run bookkeeping: generation slots (`RunSlots`), per-run directories and their cleanup, and the
+session registry that lets a Stop click reach its session's run (`RUNS`)."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from .. import safety
+
+log = logging.getLogger("packforcing.studio")
+
+RUNS_DIR_ENV = safety.RUNS_DIR_ENV
+MAX_SECONDS_ENV = safety.MAX_SECONDS_ENV
+RUN_DIR_PREFIX = "packforcing-run-"
+RUN_MAX_AGE_S = safety.DEFAULT_RUN_TTL_S  # default age after which finished runs' directories are removed
+
+
+class RunSlots:
+    """At most ``limit`` generations at once in this process (default: ``PACKFORCING_CONCURRENCY``,
+    read at each acquire). A lock-like object (``acquire``/``release``/``with``) that also counts:
+    :attr:`active` runs now, :attr:`peak` since :meth:`reset_peak`."""
+
+    def __init__(self, limit: int | None = None):
+        self._limit = limit
+        self._cond = threading.Condition()
+        self.active = 0
+        self.peak = 0
+
+    @property
+    def limit(self) -> int:
+        return self._limit or safety.concurrency_limit()
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        wait = None if blocking and (timeout is None or timeout < 0) else (timeout if blocking else 0)
+        with self._cond:
+            if not self._cond.wait_for(lambda: self.active < self.limit, timeout=wait):
+                return False
+            self.active += 1
+            self.peak = max(self.peak, self.active)
+            return True
+
+    def release(self) -> None:
+        with self._cond:
+            if self.active <= 0:
+                raise RuntimeError("RunSlots.release() without acquire()")
+            self.active -= 1
+            self._cond.notify_all()
+
+    def reset_peak(self) -> None:
+        with self._cond:
+            self.peak = self.active
+
+    def __enter__(self):
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+_RUN_LOCK = RunSlots()  # generations running at once in this process (PACKFORCING_CONCURRENCY, default 1)
+_ACTIVE_DIRS: set[Path] = set()  # run directories in use: never cleaned up
+_ACTIVE_LOCK = threading.Lock()
+
+
+def runs_root() -> Path:
+    root = safety.runs_dir() or Path(tempfile.gettempdir())
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def new_run_dir() -> Path:
+    """A fresh per-run temporary directory (expired ones are cleaned up first)."""
+    root = runs_root()
+    cleanup_runs(root)
+    return Path(tempfile.mkdtemp(prefix=RUN_DIR_PREFIX, dir=root))
+
+
+def _set_active(path: Path, active: bool) -> None:
+    path = Path(path).resolve()
+    with _ACTIVE_LOCK:
+        (_ACTIVE_DIRS.add if active else _ACTIVE_DIRS.discard)(path)
+
+
+def active_run_dirs() -> set[Path]:
+    with _ACTIVE_LOCK:
+        return set(_ACTIVE_DIRS)
+
+
+def cleanup_runs(root: Path | None = None, max_age_s: float | None = None) -> int:
+    """Remove per-run directories (``packforcing-run-*`` directly under ``root``) not modified for
+    ``max_age_s`` (default: ``PACKFORCING_RUN_TTL_S``, 6 h); returns how many were removed.
+
+    Never removed: a directory a run is using (or that holds one), a symlink (nor what it points
+    to), anything not named like a run directory. A run's files are written into its own fresh
+    directory, so no run ever overwrites or deletes another run's files before they expire."""
+    root = Path(root or runs_root())
+    max_age_s = safety.run_ttl_s() if max_age_s is None else max_age_s
+    active = active_run_dirs()
+    now, removed = time.time(), 0
+    for path in root.glob(RUN_DIR_PREFIX + "*"):
+        try:
+            if path.is_symlink() or not path.is_dir() or now - path.stat().st_mtime <= max_age_s:
+                continue
+            resolved = path.resolve()
+            if any(a == resolved or a.is_relative_to(resolved) for a in active):
+                continue
+            shutil.rmtree(path)
+            removed += 1
+        except OSError:
+            log.warning("could not remove expired run directory %s", path, exc_info=True)
+    return removed
+
+
+# ---- session registry (Stop) -------------------------------------------------------------------
+class RunRegistry:
+    """Session key -> its running worker (or comparison), so a Stop request can reach it."""
+
+    def __init__(self):
+        self._runs: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    def register(self, key: str, run) -> None:
+        with self._lock:
+            previous = self._runs.get(key)
+            self._runs[key] = run
+        if previous is not None and previous is not run:
+            previous.stop()
+
+    def unregister(self, key: str, run) -> None:
+        with self._lock:
+            if self._runs.get(key) is run:
+                del self._runs[key]
+
+    def stop(self, key: str) -> bool:
+        """Stop the session's run; False when nothing was running."""
+        with self._lock:
+            run = self._runs.get(key)
+        if run is None:
+            return False
+        run.stop()
+        return True
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._runs
+
+
+RUNS = RunRegistry()

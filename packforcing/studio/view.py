@@ -1,0 +1,115 @@
+"""What the Studio page shows, without Gradio: policy notes, example prompts, the progress bar's
+HTML, and the analysis figures sized for half-width panels (from `analysis.figures`)."""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+
+from analysis.figures import (
+    cache_occupancy_figure,
+    latency_memory_figure,
+    rope_position_figure,
+    summary_table,
+    topk_heatmap_figure,
+)
+
+from .worker import Update
+
+ROOT = Path(__file__).resolve().parents[2]  # the repository
+EXAMPLES_FILE = ROOT / "assets" / "example_prompts.txt"
+
+POLICY_NOTES = {
+    "packforcing": "**PackForcing** (this paper): sink + compressed top-k mid blocks + recent, "
+                   "with temporal RoPE adjustment. Bounded memory at any length.",
+    "sink_window": "**Sink + window** (LongLive, StreamingLLM): the first frames and a sliding window.",
+    "window": "**Window**: the last frames of history only, FIFO. Self-Forcing's `local_attn_size` also counts the "
+              "current block: window frames = local_attn_size − block frames.",
+    "deep_sink": "**Deep sink** (Deep Forcing): a large sink + the top tokens by recent-query attention, "
+                 "RoPE re-aligned, training-free.",
+    "full": "**Full**: every block is kept; memory grows linearly with the video.",
+}
+
+def load_examples() -> list[str]:
+    if not EXAMPLES_FILE.exists():
+        return []
+    return [line.strip() for line in EXAMPLES_FILE.read_text().splitlines() if line.strip()]
+
+
+def progress_html(fraction: float, text: str, state: str = "") -> str:
+    pct = max(0.0, min(1.0, fraction)) * 100
+    return (f'<div class="pf-progress"><div class="pf-bar"><div class="pf-fill {state}" '
+            f'style="width:{pct:.1f}%"></div></div><div class="pf-text">{html.escape(text)}</div></div>')
+
+
+IDLE = progress_html(0, "Ready. Enter a prompt and press Generate.")
+
+
+def model_note(name: str) -> str:
+    """What a visitor should expect from the embedded model (honest, one sentence or two)."""
+    if "random" in name:
+        return ("Its weights are random, so videos look like noise; the cache behaviour, timings and "
+                "analysis are real.")
+    if "tiny-world" in name:
+        return ("A 5-million-parameter model trained here on a CPU, on 5-second clips of bouncing shapes: it "
+                "draws the prompted background and moving blobs, often not in the prompted colours and not "
+                "yet as clean shapes (see docs/tiny_world.md). The cache behaviour, timings and analysis are real.")
+    return ""
+
+
+def update_html(update: Update, prefix: str = "") -> str:
+    text = prefix + update.progress_text()
+    if update.kind == "block":
+        return progress_html(update.fraction, "Generating… " + text)
+    if update.kind == "error":
+        return progress_html(update.fraction, f"Error: {update.message} ({text})", "pf-error")
+    if update.stopped:
+        return progress_html(update.fraction, f"Stopped: kept {text}", "pf-stopped")
+    return progress_html(1.0, f"Done in {update.elapsed:.1f} s: {text}")
+
+
+# ---- analysis figures --------------------------------------------------------------------------
+def _layer(value) -> int | None:
+    return None if value in (None, "", "mean") else int(value)
+
+
+def _fit(fig):
+    """Half-width panels: smaller titles and axis titles so the figures' long titles fit."""
+    fig.update_layout(title=dict(font=dict(size=13)), margin=dict(l=50, r=20, t=60, b=50))
+    fig.update_xaxes(title_font=dict(size=11))
+    fig.update_yaxes(title_font=dict(size=11))
+    return fig
+
+
+def occupancy_plot(tables, layer="mean", unit="tokens"):
+    return _fit(cache_occupancy_figure((tables or {}).get("occupancy"), _layer(layer), unit))
+
+
+def topk_plot(tables, layer="mean", fps=16):
+    fig = _fit(topk_heatmap_figure((tables or {}).get("scores"), _layer(layer), fps=fps))
+    heat = next((t for t in fig.data if t.type == "heatmap"), None)
+    if heat is not None:  # block indices are integers: no 3.6, 3.8, … ticks on short runs
+        for axis, values in (("xaxis", heat.x), ("yaxis", heat.y)):
+            if values is not None and len(values) <= 24:
+                fig.update_layout({axis: dict(tickmode="array", tickvals=list(values))})
+    return fig
+
+
+def rope_plot(tables, block=None, layer="0"):
+    positions = (tables or {}).get("positions")
+    if positions is not None and len(positions) and block is not None:
+        block = min(int(block), int(positions["block"].max()))
+    return _fit(rope_position_figure(positions, None if block is None else int(block), _layer(layer) or 0))
+
+
+def latency_plot(tables):
+    tables = tables or {}
+    return _fit(latency_memory_figure(tables.get("blocks"), tables.get("timing")))
+
+
+def summary_frame(update: Update):
+    table = summary_table({update.request.policy: {**update.tables, "meta": update.meta}})
+    keep = [c for c in ("run", "blocks", "video_seconds", "total_seconds", "mean_block_seconds",
+                        "latency_slope_s_per_block", "peak_kv_mb", "peak_context_tokens",
+                        "peak_stored_tokens") if c in table]
+    return table[keep].round(4)
