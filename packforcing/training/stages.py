@@ -321,7 +321,7 @@ class CompressorStage:
         b = cfg.block_frames
         h, w = latents.shape[-2:]
         self.grid = compressor.output_grid(b, h, w)
-        self.t_c, self.h_c, self.w_c = compressor.token_centres(b, h, w)
+        self.t_c, self.h_c, self.w_c = compressor.centres(b, h, w)  # where the sampler places them (this branch mix)
         _, gh, gw = model.token_grid(1, h, w)
         self.frame_grid = Rope3D.grid(1, gh, gw)
         self.T = b * gh * gw
