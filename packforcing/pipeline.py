@@ -228,7 +228,8 @@ class Pipeline:
 
         offsets = _Compressor.token_centres(self.block_frames, *self.latent_hw)[0]
         options = {k: v for k, v in options.items() if k != "archive_device"}  # counted as device memory
-        policy = make_policy(name, self.geometry(), compressed_t_offsets=offsets, **options)
+        policy = make_policy(name, self.geometry(self.sampler.rows_per_prompt), compressed_t_offsets=offsets,
+                             **options)
         return policy.allocate(num_blocks, device=torch.device("meta")).nbytes()
 
     def check_cache_memory(self, name: str, num_blocks: int, **options) -> int:
@@ -252,7 +253,8 @@ class Pipeline:
         options = self.check_policy_options(name, options)
         compressor = self.compressor_for(compressor_mode)
         offsets = compressor.centres(self.block_frames, *self.latent_hw)[0]
-        policy = make_policy(name, self.geometry(), compressed_t_offsets=offsets, **options)
+        policy = make_policy(name, self.geometry(self.sampler.rows_per_prompt), compressed_t_offsets=offsets,
+                             **options)
         if policy.compresses and min(self.latent_hw) < MIN_COMPRESSED_LATENT:
             side = MIN_COMPRESSED_LATENT * self.vae.spatial_ratio
             raise ValueError(f"cache policy {name!r} compresses blocks, which needs frames of at least {side}x{side} "

@@ -44,10 +44,25 @@ class SamplerConfig:
     shift: float = 5.0
     compressed_kv: str = "commit"  # how compressed tokens get per-layer K/V: "commit" | "projection"
     solver: str = "renoise"  # between timesteps: "renoise" (fresh noise) | "euler" (deterministic ODE step)
+    # classifier-free guidance: v = v_u + g·(v_c − v_u); the unconditional text is all zeros (the
+    # embedding of caption dropout in training). g = 1: no unconditional pass. g != 1 runs both in
+    # one batch, each with its own cache rows (the cache is allocated for twice the batch).
+    guidance_scale: float = 1.0
 
     def __post_init__(self):
         if self.solver not in ("renoise", "euler"):
             raise ValueError(f"solver must be 'renoise' or 'euler', got {self.solver!r}")
+        if not 0.0 <= float(self.guidance_scale) <= 20.0:
+            raise ValueError(f"guidance_scale must be in [0, 20], got {self.guidance_scale!r}")
+
+    @property
+    def guided(self) -> bool:
+        return float(self.guidance_scale) != 1.0
+
+    @property
+    def rows_per_prompt(self) -> int:
+        """Model (and cache) batch rows per prompt: 2 with guidance (conditional + unconditional)."""
+        return 2 if self.guided else 1
 
     @property
     def timesteps(self) -> list[float]:
@@ -114,6 +129,13 @@ def generate_blocks(
         raise ValueError(f"num_blocks must be positive, got {num_blocks}")
     device = model.device
     batch = text.shape[0]
+    guidance = float(config.guidance_scale)
+    rows = batch * config.rows_per_prompt  # model / cache batch: [conditional; unconditional]
+    if policy.geometry.batch_size != rows:
+        raise ValueError(f"the cache is allocated for batch {policy.geometry.batch_size}, the sampler needs {rows} "
+                         f"({batch} prompt(s) x {config.rows_per_prompt} with guidance_scale {guidance:g})")
+    if config.guided:
+        text = torch.cat([text, torch.zeros_like(text)])
     frames, (h, w) = config.block_frames, latent_hw
     shape = (batch, model.config.in_channels, frames, h, w)
     timesteps = config.timesteps
@@ -138,9 +160,11 @@ def generate_blocks(
             with timer("denoise"):
                 for step, t in enumerate(timesteps):
                     sigma = t / NUM_TRAIN_TIMESTEPS
-                    t_tensor = torch.full((batch,), t, device=device)
+                    t_tensor = torch.full((rows,), t, device=device)
                     context = store.context(plan, step)
-                    flow = model.forward_block(x, t_tensor, prompt, context, step=step, t_start=t_start)
+                    flow = model.forward_block(_rows(x, rows), t_tensor, prompt, context, step=step, t_start=t_start)
+                    if config.guided:  # [cond; uncond] -> guided flow [B, ...]
+                        flow = flow[batch:] + guidance * (flow[:batch] - flow[batch:])
                     x0 = x - sigma * flow
                     if step + 1 < len(timesteps):
                         next_sigma = timesteps[step + 1] / NUM_TRAIN_TIMESTEPS
@@ -159,12 +183,14 @@ def generate_blocks(
                     tokens = compressor(
                         x0, pixels=pixels, vae=vae, patch_embedding=model.patch_embedding, first_block=block == 0
                     )
+                    tokens = _rows(tokens, rows)
                     t_c, h_c, w_c = centres
                     positions = torch.stack([t_c + t_start, h_c, w_c], dim=-1)
             with timer("commit"):
                 context = store.context(plan, len(timesteps), commit=True)
                 model.forward_block(
-                    x0, torch.zeros(batch, device=device), prompt, context, step=len(timesteps), t_start=t_start,
+                    _rows(x0, rows), torch.zeros(rows, device=device), prompt, context, step=len(timesteps),
+                    t_start=t_start,
                     commit=True, compressed=tokens, compressed_positions=positions, compressed_kv=config.compressed_kv,
                 )
                 store.commit(plan)
@@ -182,6 +208,12 @@ def generate_blocks(
             yield BlockResult(block, x0, pixels, seconds, phases, plan)
     finally:
         store.release()
+
+
+def _rows(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """x [B, ...] repeated to `rows` batch rows (the same latents for the conditional and the
+    unconditional pass of guidance)."""
+    return x if x.shape[0] == rows else x.repeat(rows // x.shape[0], *([1] * (x.ndim - 1)))
 
 
 def added_frames(block: int, block_frames: int, temporal_ratio: int = 4) -> int:

@@ -79,7 +79,8 @@ def load_tiny_world(path: str | os.PathLike = TINY_WORLD_DIR, device: str | torc
     compressor = Compressor.load(str(path / "compressor.safetensors"), map_location=str(device))
     sampler = SamplerConfig(block_frames=int(settings["block_frames"]),
                             denoising_steps=tuple(settings["denoising_steps"]), shift=float(settings["shift"]),
-                            solver=settings.get("solver", "renoise"))
+                            solver=settings.get("solver", "renoise"),
+                            guidance_scale=float(settings.get("guidance_scale", 1.0)))
     return Pipeline(transformer, vae, text, compressor, height=int(settings["height"]), width=int(settings["width"]),
                     fps=int(settings["fps"]), sampler=sampler, name=settings.get("name", PIPELINE_NAME))
 

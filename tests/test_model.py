@@ -110,3 +110,38 @@ def test_solver_steps_between_timesteps(tiny_model, solver):
 def test_unknown_solver_is_refused():
     with pytest.raises(ValueError, match="solver"):
         SamplerConfig(solver="ddpm")
+
+
+@pytest.mark.parametrize("policy_name", ["full", "window"])
+def test_guided_cached_generation_equals_the_guided_masked_forward(tiny_model, policy_name):
+    """Classifier-free guidance with a cache (conditional and unconditional rows batched, each with
+    its own cache rows) equals the cache-free block-by-block reference (`training.probe`)."""
+    import dataclasses
+
+    from packforcing.training.probe import sample_blocks
+
+    config = SamplerConfig(denoising_steps=(1000, 600, 300), shift=3.0, solver="euler", guidance_scale=3.0)
+    geometry = dataclasses.replace(tiny_geometry(4, (4, 4), TINY["num_layers"], TINY["num_attention_heads"], 32),
+                                   batch_size=2)
+    text = torch.randn(1, 5, 64)
+    options = {"window_frames": 16} if policy_name == "window" else {}  # the window holds all 3 blocks
+    blocks = list(generate_blocks(tiny_model, text, make_policy(policy_name, geometry, **options), 3, (8, 8),
+                                  config, seed=4))
+    cached = torch.cat([b.latents for b in blocks], dim=2)
+    gen = torch.Generator().manual_seed(4)
+    reference = sample_blocks(tiny_model, text, 3, (8, 8), config.timesteps, guidance=3.0, generator=gen)
+    assert cached.shape == (1, 16, 12, 8, 8)
+    assert torch.allclose(cached, reference, atol=2e-4, rtol=1e-4)
+    unguided = torch.cat([b.latents for b in generate_blocks(
+        tiny_model, text, make_policy(policy_name, dataclasses.replace(geometry, batch_size=1), **options), 3, (8, 8),
+        dataclasses.replace(config, guidance_scale=1.0), seed=4)], dim=2)
+    assert not torch.allclose(cached, unguided, atol=1e-3)  # guidance changes the video
+
+
+def test_guidance_needs_a_cache_for_both_rows(tiny_model):
+    config = SamplerConfig(guidance_scale=2.0)
+    policy = make_policy("full", tiny_geometry(4, (4, 4), TINY["num_layers"], TINY["num_attention_heads"], 32))
+    with pytest.raises(ValueError, match="allocated for batch 1, the sampler needs 2"):
+        next(generate_blocks(tiny_model, torch.randn(1, 5, 64), policy, 1, (8, 8), config))
+    with pytest.raises(ValueError, match="guidance_scale"):
+        SamplerConfig(guidance_scale=-1)
