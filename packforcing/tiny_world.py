@@ -85,5 +85,13 @@ def load_tiny_world(path: str | os.PathLike = TINY_WORLD_DIR, device: str | torc
                     fps=int(settings["fps"]), sampler=sampler, name=settings.get("name", PIPELINE_NAME))
 
 
+def tiny_world_name(path: str | os.PathLike = TINY_WORLD_DIR) -> str | None:
+    """Which tiny world (``"v1"``, ``"v2"``) the model directory was trained on; None if there is none."""
+    manifest = Path(path) / MANIFEST
+    if not manifest.exists():
+        return None
+    return json.loads(manifest.read_text()).get("world", "v1")
+
+
 def has_tiny_world(path: str | os.PathLike = TINY_WORLD_DIR) -> bool:
     return (Path(path) / MANIFEST).exists()

@@ -208,3 +208,15 @@ def test_unknown_world_and_bad_spec_are_refused():
         WorldSpec("x", ("pink",), ("black",), ("circle",), 1, size_range=(0.1, 0.2))
     with pytest.raises(ValueError, match="exactly one"):
         WorldSpec("x", ("red",), ("black",), ("circle",), 1)
+
+
+def test_prompts_outside_a_world_are_named():
+    from packforcing.world import parse_caption
+    from packforcing.world.spec import check_prompt_in_world
+
+    check_prompt_in_world(*parse_caption("a red circle and a blue square bouncing over a navy background"), "v2")
+    with pytest.raises(ValueError, match=r"colour\(s\) \['orange'\].*background 'maroon'"):
+        check_prompt_in_world(*parse_caption("an orange circle bouncing over a maroon background"), "v2")
+    with pytest.raises(ValueError, match="3 objects"):
+        check_prompt_in_world(*parse_caption("a red circle, a blue square and a green triangle"), "v2")
+    check_prompt_in_world(*parse_caption("an orange circle bouncing over a maroon background"), "v1")

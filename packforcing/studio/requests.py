@@ -62,10 +62,15 @@ def prompt_warning(prompt: str, model: str = DEFAULT_MODEL) -> str | None:
     """A non-fatal note about a prompt (e.g. words the embedded tiny world does not know)."""
     if model != "embedded" or not isinstance(prompt, str) or not prompt.strip():
         return None
+    from ..tiny_world import tiny_world_name
     from ..world.captions import parse_caption
+    from ..world.spec import check_prompt_in_world
 
     try:
-        parse_caption(prompt)
+        objects, background = parse_caption(prompt)
+        world = tiny_world_name()
+        if world is not None:
+            check_prompt_in_world(objects, background, world)
     except ValueError as err:
         return f"The embedded tiny-world model only knows simple scenes; {err}"
     return None

@@ -64,3 +64,18 @@ def world_spec(name_or_spec) -> WorldSpec:
     if name_or_spec not in WORLDS:
         raise ValueError(f"unknown tiny world {name_or_spec!r}; known: {sorted(WORLDS)}")
     return WORLDS[name_or_spec]
+
+
+def check_prompt_in_world(objects: list[tuple[str, str]], background: str | None, world) -> None:
+    """ValueError naming what a parsed caption asks for that `world` never showed its model."""
+    world = world_spec(world)
+    problems = []
+    colours = sorted({c for c, _ in objects} - set(world.colours))
+    if colours:
+        problems.append(f"colour(s) {colours} (it knows {', '.join(world.colours)})")
+    if background is not None and background not in world.backgrounds:
+        problems.append(f"background {background!r} (it knows {', '.join(world.backgrounds)})")
+    if len(objects) > world.max_objects:
+        problems.append(f"{len(objects)} objects (at most {world.max_objects})")
+    if problems:
+        raise ValueError(f"this model was trained on tiny world {world.name}, which has no " + "; no ".join(problems))
