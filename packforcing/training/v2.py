@@ -29,7 +29,7 @@ from ..world import Scene, parse_caption, world_spec
 from .data import to_pixels
 from .loop import step_rng
 from .probe import denoise_context
-from .stages import sample_timesteps, teacher_forcing_layout
+from .stages import TransformerStageConfig, sample_timesteps, teacher_forcing_layout
 
 # Held-out evaluation captions of the v2 world: never a training caption, in any object order.
 HELDOUT_V2 = (
@@ -131,17 +131,12 @@ def latent_statistics(vae, count: int = 48, clip_frames: int = 77, world="v2", s
 
 # -- transformer --------------------------------------------------------------------------------------
 @dataclass
-class TransformerV2Config:
-    block_frames: int = 4
-    num_blocks: int = 5
+class TransformerV2Config(TransformerStageConfig):
+    """The teacher-forcing knobs of `stages.TransformerStageConfig` (layout, timesteps, context noise,
+    sink gaps, dropped first block; its object weighting and fixed batches are not used here), plus:"""
+
     shift: float = 3.0
     inference_steps: tuple[float, ...] = (1000.0, 875.0, 750.0, 625.0)
-    p_inference: float = 0.5
-    context_noise: float = 0.1
-    p_gap: float = 0.5
-    max_gap: int = 40
-    sink_blocks: int = 2
-    p_drop_first: float = 0.2
     clip_batch: int = 1  # teacher-forced clips per step
     first_batch: int = 8  # extra text-only first blocks per step
     p_uncond: float = 0.1  # caption dropout (classifier-free guidance)
@@ -151,8 +146,6 @@ class TransformerV2Config:
     self_context_from: int = 0
     self_context_sigma: tuple[float, float] = (0.2, 0.7)
     ema: float = 0.999
-    bf16: bool = True
-    seed: int = 0
 
 
 class TransformerV2Stage:
