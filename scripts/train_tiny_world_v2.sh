@@ -12,7 +12,7 @@ T="$PY -m packforcing.train_v2 --out $OUT --resume --threads 1 --device $DEVICE"
 # streamed 10 s reconstructions already kept the colours), so the transformer could start sooner
 $T vae --stop-at 825
 # the two phases below ran side by side (the decoder phase leaves the encoder, hence the latents, alone)
-$T vae_decoder &                              # decoder only, 25-frame clips
+$T vae_decoder --stop-at 825 &                # decoder only, 25-frame clips (1,200-step schedule, stopped at 825)
 $T transformer --transformer-steps 2800 --self-context-from 1600 --stop-at 2000   # ~1 h wall on a shared core
 wait
-$T export --export "${EXPORT:-runs/tiny-world-v2/export}" --guidance-scale "${GUIDANCE:-1}"
+$T export --export "${EXPORT:-assets/tiny-world}" --guidance-scale "${GUIDANCE:-2}"

@@ -14,8 +14,11 @@ def test_cli_writes_mp4_and_trace(tmp_path, capsys):
                  "--compressor", "lr", "--out", str(out), "--trace", str(trace)])
     assert code == 0
     video = iio.imread(out)
+    from packforcing.embedded import default_pipeline
+
+    pipe = default_pipeline()
     latent_frames = 2 * 4  # 2 s at 16 fps = 2 blocks of 4 latent frames
-    assert video.shape == (4 * latent_frames - 3, 128, 128, 3)
+    assert video.shape == (4 * latent_frames - 3, pipe.height, pipe.width, 3)
     tables = TraceRecorder.load(trace).tables()
     assert list(tables["blocks"]["block"]) == [0, 1]
     assert "wrote" in capsys.readouterr().out

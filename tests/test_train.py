@@ -199,17 +199,23 @@ def test_export_load_round_trip(tmp_path):
 
 @pytest.mark.skipif(not __import__("packforcing.tiny_world").tiny_world.has_tiny_world(), reason="no assets")
 def test_shipped_tiny_world_loads_and_is_small():
-    from packforcing.tiny_world import TINY_WORLD_DIR, load_tiny_world
+    import json
+
+    from packforcing.tiny_world import MANIFEST, PIPELINE_NAME, TINY_WORLD_DIR, load_tiny_world
+    from packforcing.world import world_spec
 
     total = sum(p.stat().st_size for p in TINY_WORLD_DIR.rglob("*") if p.is_file())
     assert total < 40 * 2**20
+    settings = json.loads((TINY_WORLD_DIR / MANIFEST).read_text())
+    world = world_spec(settings.get("world", "v1"))
     pipe = load_tiny_world()
-    assert pipe.name == "tiny-world (trained here)" and (pipe.height, pipe.width, pipe.fps) == (128, 128, 16)
-    assert pipe.transformer.config.num_layers == 4 and pipe.compressor.mode == "both"
+    assert pipe.name.startswith(PIPELINE_NAME) and (pipe.height, pipe.width, pipe.fps) == (world.height, world.width, 16)
+    assert pipe.sampler.guidance_scale == settings.get("guidance_scale", 1.0)
+    assert pipe.transformer.config.num_layers == 4 and pipe.compressor.mode in ("lr", "both")
     prompt = "a red circle bouncing over a navy background"
     a = pipe.generate(prompt, seconds=1, policy="window", seed=1, window_frames=4)
     b = pipe.generate(prompt, seconds=1, policy="window", seed=1, window_frames=4)
-    assert a.shape == (13, 128, 128, 3) and np.array_equal(a, b) and a.std() > 0
+    assert a.shape == (13, world.height, world.width, 3) and np.array_equal(a, b) and a.std() > 0
 
 
 def test_average_interpolates_two_transformer_checkpoints(tmp_path):

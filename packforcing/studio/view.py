@@ -50,6 +50,12 @@ def model_note(name: str) -> str:
     if "random" in name:
         return ("Its weights are random, so videos look like noise; the cache behaviour, timings and "
                 "analysis are real.")
+    if "tiny-world" in name and "world v2" in name:
+        return ("A 5-million-parameter model trained here on a CPU in about an hour, on 5-second 64×64 clips of one "
+                "or two large shapes (red, yellow, green, blue, white) over black, dark grey, navy or white: it "
+                "draws the prompted background and objects in the prompted colours, as soft blobs rather than "
+                "clean circles, squares or triangles (see docs/tiny_world_v2.md). The cache behaviour, timings "
+                "and analysis are real.")
     if "tiny-world" in name:
         return ("A 5-million-parameter model trained here on a CPU, on 5-second clips of bouncing shapes: it "
                 "draws the prompted background and moving blobs, often not in the prompted colours and not "
