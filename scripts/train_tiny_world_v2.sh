@@ -11,8 +11,9 @@ T="$PY -m packforcing.train_v2 --out $OUT --resume --threads 1 --device $DEVICE"
 # VAE: the 1,400-step schedule (9 -> 17 -> 25-frame clips) stopped at step 825 (17-frame clips; its
 # streamed 10 s reconstructions already kept the colours), so the transformer could start sooner
 $T vae --stop-at 825
-# the two phases below ran side by side (the decoder phase leaves the encoder, hence the latents, alone)
-$T vae_decoder --stop-at 825 &                # decoder only, 25-frame clips (1,200-step schedule, stopped at 825)
-$T transformer --transformer-steps 2800 --self-context-from 1600 --stop-at 2000   # ~1 h wall on a shared core
+# the two phases below ran side by side (the decoder phase leaves the encoder, hence the latents, alone);
+# they ran in two sittings (stopped at 825 / 2,000, resumed to the end: resumption is bit-identical)
+$T vae_decoder &                              # decoder only, 25-frame clips, 1,200 steps
+$T transformer --transformer-steps 2800 --self-context-from 1600   # ~1 h 10 min wall on a shared core
 wait
 $T export --export "${EXPORT:-assets/tiny-world}" --guidance-scale "${GUIDANCE:-2}"
