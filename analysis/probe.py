@@ -35,16 +35,20 @@ def run_sampler(run: Path, guidance: float, steps: list[float] | None = None, we
     from packforcing import train_v2
     from packforcing.training.probe import sample_blocks
     from packforcing.vae import WanVAE
+    from packforcing.world import world_spec
 
     cfg = train_v2.V2Config.from_dict(json.loads((run / "config.json").read_text()))
     transformer, text, _ = train_v2.load_weights(cfg, run, weights)
     vae = WanVAE(train_v2.final_vae(cfg, run, decoder=True))
     steps = steps or cfg.inference_timesteps()
 
+    world = world_spec(cfg.world)
+    latent_hw = (world.height // vae.spatial_ratio, world.width // vae.spatial_ratio)
+
     def sample(prompt: str, seed: int, seconds: float) -> np.ndarray:
         blocks = max(1, round(seconds))
         emb = text.encode(prompt)
-        latents = sample_blocks(transformer, emb, blocks, (8, 8), steps, guidance,
+        latents = sample_blocks(transformer, emb, blocks, latent_hw, steps, guidance,
                                 generator=torch.Generator().manual_seed(seed))
         return _to_uint8(vae.decode(latents)[0])
 

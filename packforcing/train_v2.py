@@ -11,12 +11,13 @@ Phases (each resumable, each lands weights without optimizer state in ``OUT/<pha
                  teacher-forced 5-block clips + extra text-only first blocks, the text encoder
                  trained with it, caption dropout (for guidance), weight EMA; from
                  `self_context_from` on, half the clips get self-generated context.
-    export       write a tiny-world directory (``--export DIR``) from the EMA weights; the
-                 compressor is the LR branch only (zero-shot) until a v2 compressor is trained.
+    export       write a tiny-world directory (``--export DIR``) from the bias-corrected EMA weights
+                 (`load_weights`); the compressor is the LR branch only (zero-shot) until a v2
+                 compressor is trained.
 
 Every random draw of a step comes from ``(seed, step)``, so ``--resume`` continues bit-identically
-(`packforcing.training.loop`). Data are generated on the fly: no fixed clip set. The first v2
-recipe is documented in docs/tiny_world.md.
+(`packforcing.training.loop`). Data are generated on the fly: no fixed clip set. The recipe and its
+measurements: docs/tiny_world_v2.md; the exact commands: scripts/train_tiny_world_v2.sh.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ class V2Config:
     heads: int = 4
     layers: int = 4
     ffn: int = 1024
-    transformer_steps: int = 3000
+    transformer_steps: int = 2800
     transformer_lr: float = 5e-4
     pool_slots: int = 64
     pool_refresh_every: int = 2  # steps per fresh clip (one clip encode costs ~0.5-0.8 s on a core)
@@ -69,7 +70,7 @@ class V2Config:
     p_uncond: float = 0.1
     ema: float = 0.999
     p_self_context: float = 0.5
-    self_context_from: int = 1200
+    self_context_from: int = 1600
     # sampler stored with the model: Euler steps, warped with this shift
     sample_steps: str = "1000,875,750,625,500,375,250,125"
     sample_shift: float = 3.0
@@ -223,7 +224,7 @@ def export(cfg: V2Config, out: Path, dest: Path, guidance_scale: float = 1.0) ->
         "training": {"command": "bash scripts/train_tiny_world_v2.sh", "config": dataclasses.asdict(cfg),
                      "transformer_steps_done": step},
     }
-    return save_tiny_world(dest, transformer.eval(), final_vae(cfg, out, decoder=True), text, Compressor(cfg.dim, mode="lr"),
+    return save_tiny_world(dest, transformer, final_vae(cfg, out, decoder=True), text, Compressor(cfg.dim, mode="lr"),
                            settings)
 
 
