@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from .cache import POLICIES
-from .cache.config import knob_kind
+from .cache.config import knob_kind, maximum_of
 
 POLICY_ORDER = ("packforcing", "sink_window", "window", "deep_sink", "full")
 
@@ -34,7 +34,10 @@ def policy_compresses(policy: str) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class KnobSpec:
-    """How to present one policy option. ``kind``: int | float | bool | choice | text."""
+    """How to present one policy option. ``kind``: int | float | bool | choice | text.
+
+    ``minimum``/``maximum``: the Studio's limits (its control's range, and what it accepts);
+    ``library_maximum``: the library's and CLI's limit when the Studio's is tighter (else equal)."""
 
     name: str
     kind: str
@@ -45,24 +48,26 @@ class KnobSpec:
     step: float | None = None
     choices: tuple[str, ...] = ()
     advanced: bool = False  # shown in a collapsed "advanced" group
+    library_maximum: float | None = None
 
 
 def _spec(f: dataclasses.Field, block_frames: int) -> KnobSpec:
     """The presentation of one config field (`packforcing.cache.config.knob` metadata) for a model
     whose blocks have ``block_frames`` latent frames: frame counts step by whole blocks."""
     meta, kind = f.metadata, knob_kind(f)
-    lo = hi = step = None
-    if meta.get("ui_range") is not None:
-        lo, hi = meta["ui_range"]
+    lo = hi = step = library_hi = None
+    if kind in ("int", "float"):
+        lo, library_hi = meta.get("minimum"), maximum_of(f)  # None for token counts (geometry-dependent)
+        hi = library_hi
+    if meta.get("studio_range") is not None:
+        lo, hi = meta["studio_range"]
         if meta.get("block_multiple"):
             lo, hi, step = lo * block_frames, hi * block_frames, block_frames
-    elif kind in ("int", "float"):
-        lo = meta.get("minimum")
     info = meta.get("help", "")
     if meta.get("block_multiple"):
         info = f"{info} (latent frames, a multiple of the block ({block_frames}))"
     return KnobSpec(f.name, kind, meta.get("label") or f.name.replace("_", " ").capitalize(), info, lo, hi, step,
-                    tuple(meta.get("choices", ())), bool(meta.get("advanced")))
+                    tuple(meta.get("choices", ())), bool(meta.get("advanced")), library_hi)
 
 
 def _fields(policy: str) -> list[dataclasses.Field]:
@@ -136,7 +141,9 @@ def coerce_knob(policy: str, name: str, value, default, kind: str, block_frames:
         if spec is not None and spec.minimum is not None and value < spec.minimum:
             raise StudioError(f"{what} must be at least {spec.minimum:g}, got {value:g}")
         if spec is not None and spec.maximum is not None and value > spec.maximum:
-            raise StudioError(f"{what} must be at most {spec.maximum:g}, got {value:g}")
+            wider = spec.library_maximum is not None and spec.library_maximum > spec.maximum
+            note = f" in the Studio (the library and the CLI accept up to {spec.library_maximum:g})" if wider else ""
+            raise StudioError(f"{what} must be at most {spec.maximum:g}{note}, got {value:g}")
         return value
     value = str(value)
     spec = specs.get(name)

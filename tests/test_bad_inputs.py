@@ -239,7 +239,7 @@ CASES = {
     "cli-prompt-whitespace-tabs": cli(["--prompt", "\t \n"], "prompt is empty"),
     "cli-prompt-10000-chars": cli(["--prompt", LONG], "prompt is too long"),
     "app-prompt-empty": app(req(prompt=""), "Please enter a prompt: it is empty"),
-    "app-prompt-10000-chars": app(req(prompt=LONG), r"too long \(10009 characters; at most 500\)"),
+    "app-prompt-10000-chars": app(req(prompt=LONG), r"too long \(10009 characters; at most 2000\)"),
     # durations
     "lib-seconds-zero": lib(gen(seconds=0), "positive number of seconds, got 0"),
     "lib-seconds-negative": lib(gen(seconds=-3), "positive number of seconds, got -3"),

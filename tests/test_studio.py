@@ -104,7 +104,7 @@ def test_error_mid_run_is_reported_and_partial_video_kept(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (dict(prompt="   "), "prompt"),
     (dict(prompt=None), "prompt"),
-    (dict(prompt="x" * 600), "too long"),
+    (dict(prompt="x" * (studio.MAX_PROMPT_CHARS + 1)), "too long"),
     (dict(seconds=2), "between 5 and 120"),
     (dict(seconds=121), "PACKFORCING_MAX_SECONDS"),
     (dict(seconds="soon"), "number of seconds"),

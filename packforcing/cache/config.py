@@ -20,23 +20,27 @@ MAX_SCORE_QUERIES = 65536
 def knob(default=None, *, help: str, label: str, unit: str = "", minimum: float | None = None,
          maximum: float | None = None, default_blocks: int | None = None, block_multiple: bool = False,
          choices: tuple[str, ...] = (), advanced: bool = False, hidden: bool = False,
-         ui_range: tuple[float, float] | None = None):
+         studio_range: tuple[float, float] | None = None):
     """A config field with its presentation and limits.
 
     ``block_multiple``: a latent-frame count that must be whole blocks (UI step = block size);
     ``default_blocks``: the default, in blocks (the field's default must be None); ``maximum`` may
-    be "frames_of_tokens" (`MAX_CACHE_FRAMES` frames' worth of tokens); ``ui_range``: the Studio
-    control's (min, max), in blocks for ``block_multiple`` fields (the app refuses values outside it,
-    which its controls cannot produce)."""
+    be "frames_of_tokens" (`MAX_CACHE_FRAMES` frames' worth of tokens).
+
+    Limits: ``minimum``/``maximum`` are the library's (and the CLI's), a guard against absurd
+    allocations. ``studio_range`` is the public Studio's (min, max), in blocks for ``block_multiple``
+    fields: a tighter cost guard for a shared Space, declared here beside the library's so that both
+    live in one place; it must lie inside the library's limits (tested), and the Studio's error names
+    both. Without it the Studio uses the library's limits."""
     meta = dict(help=help, label=label, unit=unit, minimum=minimum, maximum=maximum, default_blocks=default_blocks,
-                block_multiple=block_multiple, choices=tuple(choices), advanced=advanced, hidden=hidden, ui_range=ui_range)
+                block_multiple=block_multiple, choices=tuple(choices), advanced=advanced, hidden=hidden, studio_range=studio_range)
     return field(default=default, metadata=meta)
 
 
-def frames_knob(label: str, help: str, default_blocks: int, ui_blocks: tuple[int, int]):
+def frames_knob(label: str, help: str, default_blocks: int, studio_blocks: tuple[int, int]):
     """A latent-frame count in whole blocks, defaulting to ``default_blocks`` blocks."""
     return knob(help=help, label=label, unit="latent frames", minimum=0, maximum=MAX_CACHE_FRAMES,
-                default_blocks=default_blocks, block_multiple=True, ui_range=ui_blocks)
+                default_blocks=default_blocks, block_multiple=True, studio_range=studio_blocks)
 
 
 def sink_frames_knob():
@@ -49,7 +53,7 @@ def recent_frames_knob():
 
 def score_queries_knob(help: str):
     return knob(256, help=help, label="Scoring queries", unit="query tokens", minimum=1, maximum=MAX_SCORE_QUERIES,
-                ui_range=(16, 4096), advanced=True)
+                studio_range=(16, 4096), advanced=True)
 
 
 def rope_adjust_knob(what: str):

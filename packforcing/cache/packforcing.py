@@ -44,9 +44,9 @@ class PackForcingConfig(PolicyConfig):
     sink_frames: int | None = sink_frames_knob()
     recent_frames: int | None = recent_frames_knob()
     top_k: int = knob(16, help="compressed mid blocks attended per generation block", label="Top-k mid blocks",
-                      unit="blocks", minimum=0, maximum=MAX_CACHE_BLOCKS, ui_range=(0, 64))
+                      unit="blocks", minimum=0, maximum=MAX_CACHE_BLOCKS, studio_range=(0, 64))
     archive_blocks: int = knob(128, help="compressed mid blocks stored, FIFO beyond it", label="Mid archive (blocks)",
-                               unit="blocks", minimum=1, maximum=MAX_CACHE_BLOCKS, ui_range=(1, 512), advanced=True)
+                               unit="blocks", minimum=1, maximum=MAX_CACHE_BLOCKS, studio_range=(1, 512), advanced=True)
     selection: str = knob("topk", help="topk = paper's scores; recency = the k newest (ablation)",
                           label="Mid selection", choices=SELECTIONS, advanced=True)
     scope: str = knob("layer", help="each layer selects, or one selection shared by all layers",

@@ -14,13 +14,12 @@ import numpy as np
 from .. import safety
 from ..cache import POLICIES
 from ..knobs import StudioError, coerce_knob, introspect, policy_compresses, policy_names, shown
-from ..inputs import check_seed
+from ..inputs import MAX_PROMPT_CHARS, check_seed  # one prompt limit: the library's
 from ..pipeline import COMPRESSOR_MODES
 from .models import DEFAULT_MODEL, get_pipeline, max_seconds, min_seconds, model_key
 from .runs import MAX_SECONDS_ENV
 
 MIN_SECONDS = safety.DEFAULT_MIN_SECONDS  # the default; PACKFORCING_MIN_SECONDS may lower it (see min_seconds)
-MAX_PROMPT_CHARS = 500
 MAX_SEED = 2**31 - 1  # what a random seed is drawn from (any seed in [0, 2**63) is accepted)
 
 # ZeroGPU duration estimate (seconds of GPU time requested per call).
