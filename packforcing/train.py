@@ -38,20 +38,21 @@ from pathlib import Path
 
 import torch
 
+from .training.recipe import TinyRecipe, add_config_flags, build_transformer, build_vae, resolve_config
+
 STAGES = ("vae", "vae_decoder", "vae_long", "data", "vae_decoder_ft", "transformer", "average", "compressor", "all")
 
 
 @dataclass
-class TrainConfig:
-    seed: int = 0
+class TrainConfig(TinyRecipe):
+    """The v1 recipe (world v1, 128x128): `TinyRecipe` plus the VAE, data and compressor stages."""
+
     # geometry (pixels 128×128 -> latents 16×16 -> 8×8 = 64 tokens per latent frame)
     height: int = 128
     width: int = 128
-    fps: int = 16
     block_frames: int = 4
     clip_frames: int = 77  # 20 latent frames = 5 blocks = 5 s
     # VAE
-    vae_base_dim: int = 6
     vae_steps: int = 1100
     vae_lr: float = 1e-3
     vae_batch: int = 4
@@ -74,13 +75,7 @@ class TrainConfig:
     vae_decoder_lr: float = 1e-3
     # data
     num_clips: int = 200
-    text_dim: int = 64
-    text_length: int = 24
     # transformer
-    dim: int = 256
-    heads: int = 4
-    layers: int = 4
-    ffn: int = 1024
     transformer_steps: int = 1600
     transformer_lr: float = 8e-4
     context_noise: float = 0.1
@@ -92,51 +87,10 @@ class TrainConfig:
     compressor_lr: float = 5e-4
     distill_weight: float = 1.0
     # sampler stored with the model
-    sample_steps: tuple[int, ...] = (1000, 750, 500, 250)
-    sample_shift: float = 3.0
     sample_solver: str = "renoise"  # "renoise" | "euler" (see packforcing.sampler)
-    bf16: bool = True
-    checkpoint_every: int = 25
-
-    def transformer_config(self) -> dict:
-        from .configs import TINY
-
-        return dict(TINY, num_attention_heads=self.heads, attention_head_dim=self.dim // self.heads,
-                    ffn_dim=self.ffn, num_layers=self.layers, text_dim=self.text_dim)
-
-    def inference_timesteps(self) -> list[float]:
-        from .sampler import warp_timesteps
-
-        return warp_timesteps(self.sample_steps, self.sample_shift)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        fields = {f.name for f in dataclasses.fields(cls)}
-        d = {k: v for k, v in d.items() if k in fields}
-        if "sample_steps" in d:
-            d["sample_steps"] = tuple(d["sample_steps"])
-        return cls(**d)
 
 
 # -- stages --------------------------------------------------------------------------------------------
-def build_vae(cfg: TrainConfig):
-    from diffusers import AutoencoderKLWan
-
-    from .vae import tiny_vae_config
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        return AutoencoderKLWan(**tiny_vae_config(cfg.vae_base_dim, 16))
-
-
-def build_transformer(cfg: TrainConfig):
-    from .model import CausalWanTransformer
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed + 1)
-        return CausalWanTransformer(**cfg.transformer_config())
-
-
 def build_compressor(cfg: TrainConfig):
     from .compressor import Compressor
 
@@ -392,29 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--average-weight", type=float, default=0.5, help="average stage: weight of A")
     p.add_argument("--stage-dir", default=None,
                    help="transformer stage only: checkpoint directory under --out (default: transformer)")
-    for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type in ("bool", bool):
-            p.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes"), default=None)
-        elif f.name == "sample_steps":
-            p.add_argument(flag, type=int, nargs="+", default=None)
-        else:
-            kind = {"int": int, "float": float, "str | None": str}.get(str(f.type), type(f.default))
-            p.add_argument(flag, type=kind, default=None)
+    add_config_flags(p, TrainConfig)
     return p
-
-
-def resolve_config(args, out: Path) -> TrainConfig:
-    stored = out / "config.json"
-    cfg = TrainConfig.from_dict(json.loads(stored.read_text())) if (args.resume and stored.exists()) else TrainConfig()
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
-                 if getattr(args, f.name, None) is not None}
-    if "sample_steps" in overrides:
-        overrides["sample_steps"] = tuple(overrides["sample_steps"])
-    cfg = dataclasses.replace(cfg, **overrides)
-    out.mkdir(parents=True, exist_ok=True)
-    stored.write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-    return cfg
 
 
 def _timed(out: Path, name: str, fn, *a, **kw):
@@ -432,7 +365,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
-    cfg = resolve_config(args, out)
+    cfg = resolve_config(TrainConfig, args, out)
     progress = not args.no_progress
     stages = (["vae", "vae_decoder", "vae_long", "data", "vae_decoder_ft", "transformer", "compressor"]
               if args.stage == "all" else [args.stage])

@@ -24,23 +24,23 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from .training.recipe import TinyRecipe, add_config_flags, build_transformer, build_vae, resolve_config
 from .world import world_spec
 
 PHASES = ("vae", "vae_decoder", "transformer", "export")
 
 
 @dataclass
-class V2Config:
-    seed: int = 0
+class V2Config(TinyRecipe):
+    """The v2 recipe (world v2, 64x64): `TinyRecipe` with v2's sizes and phases."""
+
     world: str = "v2"
-    fps: int = 16
     # VAE
     vae_base_dim: int = 16
     vae_steps: int = 1400
@@ -54,13 +54,8 @@ class V2Config:
     vae_decoder_object_weight: float = 4.0
     vae_stat_clips: int = 48  # clips whose latents set the VAE's latents_mean / latents_std
     # text (word-level tokenizer, 2-layer UMT5, trained with the transformer)
-    text_dim: int = 64
     text_length: int = 16
     # transformer (64x64 px -> 8x8 latents -> 4x4 = 16 tokens per latent frame)
-    dim: int = 256
-    heads: int = 4
-    layers: int = 4
-    ffn: int = 1024
     transformer_steps: int = 2800
     transformer_lr: float = 5e-4
     pool_slots: int = 64
@@ -72,30 +67,7 @@ class V2Config:
     p_self_context: float = 0.5
     self_context_from: int = 1600
     # sampler stored with the model: Euler steps, warped with this shift
-    sample_steps: str = "1000,875,750,625,500,375,250,125"
-    sample_shift: float = 3.0
-    bf16: bool = True
-    checkpoint_every: int = 25
-
-    def inference_timesteps(self) -> list[float]:
-        from .sampler import warp_timesteps
-
-        return warp_timesteps([int(s) for s in self.sample_steps.split(",")], self.sample_shift)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "V2Config":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
-
-
-def build_vae(cfg: V2Config):
-    from diffusers import AutoencoderKLWan
-
-    from .vae import tiny_vae_config
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        return AutoencoderKLWan(**tiny_vae_config(cfg.vae_base_dim, 16))
+    sample_steps: tuple[int, ...] = (1000, 875, 750, 625, 500, 375, 250, 125)
 
 
 def train_vae(cfg: V2Config, out: Path, resume: bool, progress: bool = True, device: str = "cpu",
@@ -149,16 +121,6 @@ def final_vae(cfg: V2Config, out: Path, device: str = "cpu", decoder: bool = Fal
     if decoder and (out / "vae_decoder" / CHECKPOINT).exists():
         load_checkpoint(out / "vae_decoder" / CHECKPOINT, {"vae": vae}, None)
     return vae.to(device).eval().requires_grad_(False)
-
-
-def build_transformer(cfg: V2Config):
-    from .configs import TINY
-    from .model import CausalWanTransformer
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed + 1)
-        return CausalWanTransformer(**dict(TINY, num_attention_heads=cfg.heads, attention_head_dim=cfg.dim // cfg.heads,
-                                           ffn_dim=cfg.ffn, num_layers=cfg.layers, text_dim=cfg.text_dim))
 
 
 def build_text(cfg: V2Config):
@@ -219,7 +181,7 @@ def export(cfg: V2Config, out: Path, dest: Path, guidance_scale: float = 1.0) ->
     settings = {
         "name": f"{PIPELINE_NAME} · world {cfg.world}", "world": cfg.world, "height": world.height,
         "width": world.width, "fps": cfg.fps, "block_frames": 4,
-        "denoising_steps": [int(v) for v in cfg.sample_steps.split(",")], "shift": cfg.sample_shift,
+        "denoising_steps": list(cfg.sample_steps), "shift": cfg.sample_shift,
         "solver": "euler", "guidance_scale": guidance_scale,
         "training": {"command": "bash scripts/train_tiny_world_v2.sh", "config": dataclasses.asdict(cfg),
                      "transformer_steps_done": step},
@@ -240,13 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training phases: stop (with a checkpoint) before this step; the schedule stays that of the full run")
     p.add_argument("--export", default=None, help="export phase: destination tiny-world directory")
     p.add_argument("--guidance-scale", type=float, default=1.0, help="export phase: guidance stored with the model")
-    for f in dataclasses.fields(V2Config):
-        if str(f.type) == "bool":
-            p.add_argument("--" + f.name.replace("_", "-"), type=lambda v: v.lower() in ("1", "true", "yes"),
-                           default=None)
-            continue
-        kind = {"int": int, "float": float, "str": str}.get(str(f.type), type(f.default))
-        p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None)
+    add_config_flags(p, V2Config)
     return p
 
 
@@ -254,13 +210,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
-    stored = out / "config.json"
-    cfg = V2Config.from_dict(json.loads(stored.read_text())) if (args.resume and stored.exists()) else V2Config()
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(V2Config)
-                 if getattr(args, f.name) is not None}
-    cfg = dataclasses.replace(cfg, **overrides)
-    out.mkdir(parents=True, exist_ok=True)
-    stored.write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    cfg = resolve_config(V2Config, args, out)
     if args.phase == "vae":
         train_vae(cfg, out, args.resume, not args.no_progress, args.device, args.stop_at)
     elif args.phase == "vae_decoder":
