@@ -111,6 +111,9 @@ class Scene:
 
     bg_drift: amplitude of the brightness drift in RGB units (0 = steady);
     bg_period: its period in seconds; bg_phase: its phase in radians.
+    room_margin: room beyond the left and right edges, in frame widths, that objects bounce in
+    (0 = the walls are the frame's edges; > 0 = objects leave the frame and come back, see
+    `world.memory`); x positions are then fractions of the wider room's free range.
     """
 
     background: str
@@ -118,12 +121,15 @@ class Scene:
     bg_drift: float = 0.0
     bg_period: float = 8.0
     bg_phase: float = 0.0
+    room_margin: float = 0.0
 
     def __post_init__(self):
         if self.background not in BACKGROUNDS:
             raise ValueError(f"unknown background {self.background!r}; known: {list(BACKGROUNDS)}")
         if not 1 <= len(self.objects) <= 3:
             raise ValueError(f"a scene has 1..3 objects, got {len(self.objects)}")
+        if not 0.0 <= self.room_margin <= 10.0:
+            raise ValueError(f"room_margin must be in [0, 10] frame widths, got {self.room_margin}")
         for o in self.objects:
             if o.colour not in COLOURS or o.shape not in SHAPES:
                 raise ValueError(f"unknown object {o.colour!r} {o.shape!r}")
@@ -190,9 +196,10 @@ class Scene:
         pixel (i, j) covering [j, j+1) x [i, i+1). Frames start..start+T-1 at t = frame/fps."""
         t = (start + np.arange(num_frames)) / fps
         out = np.empty((num_frames, len(self.objects), 2))
+        room = self.room_margin * width
         for i, o in enumerate(self.objects):
             left, right, up, down = o.extents(height, width)
-            out[:, i, 0] = _bounce(o.x, o.vx * width, left, width - right, t)
+            out[:, i, 0] = _bounce(o.x, o.vx * width, left - room, width - right + room, t)
             out[:, i, 1] = _bounce(o.y, o.vy * height, up, height - down, t)
         return out
 
