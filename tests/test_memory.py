@@ -93,3 +93,21 @@ def test_bad_videos_and_backgrounds_are_refused():
         memory_frame_table(np.zeros((4, H, W, 3), np.float32), "black")
     with pytest.raises(ValueError, match="background"):
         memory_frame_table(np.zeros((4, H, W, 3), np.uint8), "purple")
+
+
+def test_the_memory_table_counts_scenes_without_returns_and_skips_their_nans():
+    import pandas as pd
+
+    from analysis.evaluate_memory import markdown, summarize
+
+    runs = pd.DataFrame([
+        dict(length_s=30.0, policy="window", returns=2, colour_kept=0.5, identity_kept=0.0, peak_kv_MB=3.0),
+        dict(length_s=30.0, policy="window", returns=0, colour_kept=np.nan, identity_kept=np.nan, peak_kv_MB=3.0),
+        dict(length_s=30.0, policy="full", returns=0, colour_kept=np.nan, identity_kept=np.nan, peak_kv_MB=9.0),
+    ])
+    table = summarize(runs).set_index("policy")
+    assert table.loc["window", "scenes"] == 2 and table.loc["window", "scenes_with_returns"] == 1
+    assert table.loc["window", "colour_kept"] == 0.5 and table.loc["window", "returns"] == 1.0
+    assert np.isnan(table.loc["full", "colour_kept"])
+    text = markdown(summarize(runs))
+    assert "| 30 | full | 1 | 0 | 0.00 | – | – | 9.00 |" in text

@@ -1,0 +1,116 @@
+"""The memory test of every cache policy on the embedded model (`packforcing.world.memory` scenes).
+
+    python -m analysis.evaluate_memory --lengths 30 120 --scenes 3 --out docs/eval/memory
+
+For each memory scene (seeds `SEED_BASE` + i, never drawn in training) the model is prompted with
+the scene's colour-free caption ("a square bouncing over a black background"), so whatever colour
+it first gives the object can only be kept after an absence through the cache. Every policy of
+`analysis.evaluate.policy_specs` (the 64x64 budgets) generates the same prompt and seed; the
+ground truth is scored as the reference row. Writes ``OUT/runs.csv`` (one row per video, appended
+as runs finish; ``--resume`` skips done ones), ``OUT/table.md`` (mean per length and policy) and a
+frame strip per video in ``OUT/strips``. A video whose object never leaves has no return: its
+scores are NaN and ``returns`` says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from analysis.evaluate import FPS, _append, policy_specs, run_one, save_strip
+from analysis.memory import memory_score
+
+SEED_BASE = 2_000_000
+COLUMNS = ["returns", "colour_kept", "identity_kept"]
+
+
+def summarize(runs: pd.DataFrame) -> pd.DataFrame:
+    """Mean over scenes per (length, policy): returns, colour_kept, identity_kept (NaN-skipping),
+    scenes with at least one return, peak KV MB."""
+    rows = []
+    for (length, policy), part in runs.groupby(["length_s", "policy"], sort=False):
+        rows.append({"length_s": length, "policy": policy, "scenes": len(part),
+                     "scenes_with_returns": int((part["returns"] > 0).sum()),
+                     "returns": part["returns"].mean(), "colour_kept": part["colour_kept"].mean(),
+                     "identity_kept": part["identity_kept"].mean(), "peak_kv_MB": part["peak_kv_MB"].mean()})
+    return pd.DataFrame(rows)
+
+
+def markdown(table: pd.DataFrame) -> str:
+    """The summary as a Markdown table (NaN shown as "–": no return happened)."""
+    cols = list(table.columns)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(cols) - 2)) + "|"]
+    for _, r in table.iterrows():
+        cells = [f"{r[c]:g}" if c == "length_s" else str(r[c]).strip() if c == "policy" else
+                 "–" if pd.isna(r[c]) else f"{r[c]:.2f}" if isinstance(r[c], float) else str(r[c]) for c in cols]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m analysis.evaluate_memory", description=__doc__.split("\n\n")[0])
+    p.add_argument("--lengths", type=float, nargs="+", default=[30, 120])
+    p.add_argument("--scenes", type=int, default=3)
+    p.add_argument("--out", default="docs/eval/memory")
+    p.add_argument("--model", default=None, help="tiny-world directory (default: the embedded model)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--resume", action="store_true")
+    return p
+
+
+def main(argv=None) -> int:
+    import torch
+
+    from packforcing.tiny_world import TINY_WORLD_DIR, load_tiny_world
+    from packforcing.world.memory import memory_caption, memory_scene
+
+    args = build_parser().parse_args(argv)
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    (out / "strips").mkdir(parents=True, exist_ok=True)
+    pipe = load_tiny_world(args.model or TINY_WORLD_DIR)
+    world = "v2" if pipe.height == 64 else "v1"
+    specs = policy_specs(quick=pipe.height == 64, trained_hr=pipe.compressor.hr is not None)
+    runs_path = out / "runs.csv"
+    done = pd.read_csv(runs_path) if (args.resume and runs_path.exists()) else None
+    if done is None and runs_path.exists():
+        runs_path.unlink()
+    for length in args.lengths:
+        for i in range(args.scenes):
+            seed = SEED_BASE + i
+            scene = memory_scene(seed, world=world)
+            caption = memory_caption(scene)
+            for spec in [None, *specs]:
+                label = "ground truth" if spec is None else spec.label
+                if done is not None and ((done["length_s"] == length) & (done["policy"] == label)
+                                         & (done["seed"] == seed)).any():
+                    continue
+                if spec is None:
+                    frames = 4 * int(round(length)) * 4 - 3
+                    video, stats = scene.render(frames, pipe.height, pipe.width, FPS), {"peak_kv_MB": np.nan}
+                else:
+                    video, stats = run_one(pipe, spec, caption, seed, length)
+                score = memory_score(video, scene.background, FPS)
+                slug = "".join(ch if ch.isalnum() else "-" for ch in label.strip()).strip("-")
+                save_strip(video, out / "strips" / f"{int(length)}s_scene{i}_{slug}.png", count=12)
+                row = {"length_s": length, "policy": label, "seed": seed, "caption": caption,
+                       "scene_colour": scene.objects[0].colour, "scene_shape": scene.objects[0].shape,
+                       **score, "peak_kv_MB": stats["peak_kv_MB"]}
+                _append(runs_path, [row])
+                print(f"{length:5.0f} s  {label:40s} returns {row['returns']:2d}  colour kept {row['colour_kept']:.2f}  "
+                      f"identity kept {row['identity_kept']:.2f}  first {row['first_colour']} {row['first_shape']}",
+                      flush=True)
+    table = summarize(pd.read_csv(runs_path))
+    (out / "table.md").write_text(f"Command: `python -m analysis.evaluate_memory --lengths "
+                                  f"{' '.join(f'{x:g}' for x in args.lengths)} --scenes {args.scenes}`\n\n"
+                                  + markdown(table))
+    print(table.to_string(index=False))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
