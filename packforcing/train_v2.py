@@ -14,6 +14,9 @@ Phases (each resumable, each lands weights without optimizer state in ``OUT/<pha
     export       write a tiny-world directory (``--export DIR``) from the bias-corrected EMA weights
                  (`load_weights`); the compressor is the LR branch only (zero-shot) until a v2
                  compressor is trained.
+    memory       fine-tune an exported model (``--memory-init DIR``) on a pool with memory training
+                 clips mixed in (`world.memory`: the object leaves and comes back, caption without
+                 its colour); ``export_memory --export DIR`` writes the result.
 
 Every random draw of a step comes from ``(seed, step)``, so ``--resume`` continues bit-identically
 (`packforcing.training.loop`). Data are generated on the fly: no fixed clip set. The recipe and its
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +37,7 @@ import torch
 from .training.recipe import TinyRecipe, add_config_flags, build_transformer, build_vae, resolve_config
 from .world import world_spec
 
-PHASES = ("vae", "vae_decoder", "transformer", "export")
+PHASES = ("vae", "vae_decoder", "transformer", "export", "memory", "export_memory")
 
 
 @dataclass
@@ -66,6 +70,12 @@ class V2Config(TinyRecipe):
     ema: float = 0.999
     p_self_context: float = 0.5
     self_context_from: int = 1600
+    # memory phase: fine-tune an exported model on ordinary + memory training clips (world.memory)
+    memory_init: str = "assets/tiny-world"
+    memory_steps: int = 800
+    memory_lr: float = 2e-4
+    memory_fraction: float = 0.5  # share of pool clips that are memory clips (colour-free captions)
+    memory_ema: float = 0.995  # starts at the (trained) init weights, so no bias correction is needed
     # sampler stored with the model: Euler steps, warped with this shift
     sample_steps: tuple[int, ...] = (1000, 875, 750, 625, 500, 375, 250, 125)
 
@@ -190,6 +200,55 @@ def export(cfg: V2Config, out: Path, dest: Path, guidance_scale: float = 1.0) ->
                            settings)
 
 
+def _memory_init(cfg: V2Config, device: str = "cpu"):
+    """(transformer, text encoder, VAE, settings) of the model the memory phase starts from."""
+    from diffusers import AutoencoderKLWan
+
+    from .tiny_world import MANIFEST, load_tiny_world
+
+    init = Path(cfg.memory_init)
+    pipe = load_tiny_world(init)
+    vae = AutoencoderKLWan.from_pretrained(init / "vae").to(device).eval().requires_grad_(False)
+    return pipe.transformer.to(device).train(), pipe.text_encoder.to(device), vae, json.loads((init / MANIFEST).read_text())
+
+
+def train_memory(cfg: V2Config, out: Path, resume: bool, progress: bool = True, device: str = "cpu",
+                 stop_at: int | None = None):
+    """Fine-tune the exported model `memory_init` on a pool in which `memory_fraction` of the clips are
+    memory training clips (an object leaves and comes back within the 5 s clip, caption without its
+    colour): the transformer phase's loss (teacher forcing, text-only first blocks, caption dropout,
+    self-generated context from the first step), its text encoder trained with it, an EMA from the
+    init weights. The frozen VAE is the init's, so its latents are those the model was trained on."""
+    from .training.loop import LoopConfig, run_stage
+    from .training.v2 import ClipPool, TransformerV2Config, TransformerV2Stage
+
+    transformer, text, vae, _ = _memory_init(cfg, device)
+    pool = ClipPool(vae, cfg.pool_slots, world=cfg.world, seed=cfg.seed + 40, device=device,
+                    refresh_every=cfg.pool_refresh_every, memory_fraction=cfg.memory_fraction)
+    stage = TransformerV2Stage(transformer, text, pool, TransformerV2Config(
+        shift=cfg.sample_shift, inference_steps=tuple(cfg.inference_timesteps()), clip_batch=cfg.clip_batch,
+        first_batch=cfg.first_batch, p_uncond=cfg.p_uncond, ema=cfg.memory_ema, bf16=cfg.bf16, seed=cfg.seed + 40,
+        p_self_context=cfg.p_self_context, self_context_from=0))
+    loop = LoopConfig(cfg.memory_steps, cfg.memory_lr, warmup=20, checkpoint_every=cfg.checkpoint_every,
+                      progress=progress, desc="memory", stop_at=stop_at)
+    return run_stage(stage, out / "memory", loop, resume)
+
+
+def export_memory(cfg: V2Config, out: Path, dest: Path) -> Path:
+    """A tiny-world directory: the memory phase's EMA transformer and text encoder, the init's VAE,
+    compressor and settings (plus a note of the fine-tune)."""
+    from .compressor import Compressor
+    from .tiny_world import save_tiny_world
+    from .training.loop import CHECKPOINT, load_checkpoint
+
+    transformer, text, vae, settings = _memory_init(cfg)
+    step = load_checkpoint(out / "memory" / CHECKPOINT, {"ema_transformer": transformer, "ema_text": text.model}, None)
+    settings = dict(settings, memory_finetune={"command": "bash scripts/train_tiny_world_v2.sh (memory phase)",
+                                               "steps": step, "config": dataclasses.asdict(cfg)})
+    compressor = Compressor.load(str(Path(cfg.memory_init) / "compressor.safetensors"))
+    return save_tiny_world(dest, transformer.eval(), vae, text, compressor, settings)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m packforcing.train_v2", description=__doc__.split("\n\n")[0])
     p.add_argument("phase", choices=PHASES)
@@ -215,10 +274,14 @@ def main(argv=None) -> int:
         train_vae(cfg, out, args.resume, not args.no_progress, args.device, args.stop_at)
     elif args.phase == "vae_decoder":
         train_vae_decoder(cfg, out, args.resume, not args.no_progress, args.device, args.stop_at)
-    elif args.phase == "export":
+    elif args.phase in ("export", "export_memory"):
         if not args.export:
-            raise SystemExit("error: the export phase needs --export DIR")
-        print(f"exported to {export(cfg, out, Path(args.export), args.guidance_scale)}")
+            raise SystemExit(f"error: the {args.phase} phase needs --export DIR")
+        path = (export(cfg, out, Path(args.export), args.guidance_scale) if args.phase == "export"
+                else export_memory(cfg, out, Path(args.export)))
+        print(f"exported to {path}")
+    elif args.phase == "memory":
+        train_memory(cfg, out, args.resume, not args.no_progress, args.device, args.stop_at)
     else:
         train_transformer(cfg, out, args.resume, not args.no_progress, args.device, args.stop_at)
     return 0

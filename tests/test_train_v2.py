@@ -203,3 +203,42 @@ def test_recipe_config_round_trips_through_its_json_and_reads_older_runs():
     assert train_v2.V2Config.from_dict(json.loads(json.dumps(dataclasses.asdict(cfg)))) == cfg
     older = dict(json.loads(json.dumps(dataclasses.asdict(cfg))), sample_steps="1000,500", unknown_key=1)
     assert train_v2.V2Config.from_dict(older) == cfg
+
+
+def test_memory_pool_clips_show_a_return_under_a_colour_free_caption(toy_run):
+    from packforcing.world import COLOURS
+    from packforcing.world.memory import training_clip, visible
+
+    for k in range(6):
+        scene, start = training_clip(np.random.default_rng(k))
+        shown = visible(scene, 77, 64, 64, start=start)[:, 0]
+        changes = np.flatnonzero(np.diff(shown.astype(int)))
+        assert shown[0] and len(changes) >= 2  # in view, out of view, back in view within the clip
+    vae = train_v2.final_vae(TOY, toy_run)
+    mixed = ClipPool(vae, slots=6, seed=1, memory_fraction=1.0).at(0)
+    assert all(not set(c.split(" bouncing")[0].split()) & set(COLOURS) for c in mixed.captions)
+    plain = ClipPool(vae, slots=3, seed=5, refresh_every=2).at(9)
+    again = ClipPool(vae, slots=3, seed=5, refresh_every=2, memory_fraction=0.0).at(9)
+    assert plain.captions == again.captions and torch.equal(plain.latents, again.latents)  # 0 = unchanged draws
+
+
+def test_memory_phase_fine_tunes_an_exported_model_and_exports_it(toy_run, tmp_path):
+    import shutil
+
+    from packforcing.tiny_world import load_tiny_world
+
+    shutil.copytree(toy_run, tmp_path / "run")
+    train_v2.train_transformer(dataclasses.replace(TOY, transformer_steps=1), tmp_path / "run", resume=False,
+                               progress=False)
+    train_v2.export(TOY, tmp_path / "run", tmp_path / "init")
+    cfg = dataclasses.replace(TOY, memory_init=str(tmp_path / "init"), memory_steps=2, memory_fraction=1.0)
+    losses = train_v2.train_memory(cfg, tmp_path / "mem", resume=False, progress=False)
+    assert len(losses) == 2 and all(np.isfinite(losses))
+    train_v2.export_memory(cfg, tmp_path / "mem", tmp_path / "tuned")
+    init, tuned = load_tiny_world(tmp_path / "init"), load_tiny_world(tmp_path / "tuned")
+    a, b = init.transformer.state_dict(), tuned.transformer.state_dict()
+    assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a)  # the EMA moved
+    va, vb = init.vae.vae.state_dict(), tuned.vae.vae.state_dict()
+    assert all(torch.equal(va[k], vb[k]) for k in va)  # the VAE is the init's
+    manifest = json.loads((tmp_path / "tuned" / "tiny_world.json").read_text())
+    assert manifest["memory_finetune"]["steps"] == 2 and manifest["world"] == "v2"

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..world import Scene, parse_caption, world_spec
+from ..world import Scene, memory, parse_caption, world_spec
 from .data import to_pixels
 from .loop import step_rng
 from .probe import denoise_context
@@ -71,11 +71,14 @@ class ClipPool:
     whose config holds the latent statistics (it is switched to the oneDNN convolution on the CPU)."""
 
     def __init__(self, vae, slots: int = 64, clip_frames: int = 77, world="v2", seed: int = 0,
-                 device: str | torch.device = "cpu", refresh_every: int = 1):
+                 device: str | torch.device = "cpu", refresh_every: int = 1, memory_fraction: float = 0.0):
+        """``memory_fraction``: share of fresh clips that are memory training clips
+        (`world.memory.training_clip`, colour-free caption); 0 draws exactly what it always drew."""
         from ..vae import use_onednn_conv3d
 
         self.vae, self.slots, self.clip_frames, self.seed = vae, int(slots), int(clip_frames), int(seed)
         self.world, self.device, self.refresh_every = world_spec(world), torch.device(device), int(refresh_every)
+        self.memory_fraction = float(memory_fraction)
         if self.device.type == "cpu":
             use_onednn_conv3d(vae)
         cfg = vae.config
@@ -94,11 +97,16 @@ class ClipPool:
     @torch.no_grad()
     def _encode(self, refresh: int) -> tuple[torch.Tensor, str]:
         rng = np.random.default_rng([self.seed, 7, refresh + self.slots])
-        scene = training_scene(rng, self.world)
-        frames = scene.render(self.clip_frames, self.world.height, self.world.width)
+        if self.memory_fraction > 0 and rng.random() < self.memory_fraction:
+            scene, start = memory.training_clip(rng, self.world)
+            caption = memory.memory_caption(scene)
+        else:
+            scene, start = training_scene(rng, self.world), 0
+            caption = scene.caption()
+        frames = scene.render(self.clip_frames, self.world.height, self.world.width, start=start)
         pixels = to_pixels(frames)[None].to(self.device)
         raw = self.vae.encode(pixels).latent_dist.mean
-        return ((raw - self.mean) / self.std)[0], scene.caption()
+        return ((raw - self.mean) / self.std)[0], caption
 
     def at(self, step: int) -> "ClipPool":
         """Bring the pool to its state at `step` (rebuilt in full on the first call or a jump)."""

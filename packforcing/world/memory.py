@@ -74,3 +74,18 @@ def visible_intervals(scene: Scene, seconds: float, height: int, width: int, fps
     shown = visible(scene, int(round(seconds * fps)), height, width, fps)[:, 0]
     edges = np.flatnonzero(np.diff(np.r_[False, shown, False].astype(int)))
     return [(float(a / fps), float((b - 1) / fps)) for a, b in zip(edges[0::2], edges[1::2])]
+
+
+TRAINING_GAP_S = (1.0, 2.5)  # absences of training clips: short enough for a 5 s clip to hold a return
+
+
+def training_clip(rng, world: WorldSpec | str = WORLD_V2, gap_range_s: tuple[float, float] = TRAINING_GAP_S,
+                  fps: float = 16) -> tuple[Scene, int]:
+    """(scene, first frame) of a memory training clip: a memory scene with a short absence, starting
+    0.5-1.5 s before the object first leaves, so a 5 s clip shows it, its absence and its return.
+    Tests use longer absences (`GAP_RANGE_S`): remembering across them is what the cache must do."""
+    rng, world = _rng(rng), world_spec(world)
+    scene = memory_scene(rng, world, gap_s=float(rng.uniform(*gap_range_s)))
+    first_exit = visible_intervals(scene, 30.0, world.height, world.width, fps)[0][1]
+    start = max(0.0, first_exit - float(rng.uniform(0.5, 1.5)))
+    return scene, int(round(start * fps))
