@@ -5,8 +5,14 @@
 For each memory scene (seeds `SEED_BASE` + i, never drawn in training) the model is prompted with
 the scene's colour-free caption ("a square bouncing over a black background"), so whatever colour
 it first gives the object can only be kept after an absence through the cache. Every policy of
-`analysis.evaluate.policy_specs` (the 64x64 budgets) generates the same prompt and seed; the
-ground truth is scored as the reference row. Writes ``OUT/runs.csv`` (one row per video, appended
+`memory_specs` generates the same prompt and seed; the ground truth is scored as the reference row.
+
+Budgets (`memory_specs`, 64x64 model: 16 tokens per latent frame, 4 frames per block, 2 compressed
+tokens per block): every bounded policy stores 256 tokens with the current block (64) — `window`
+12 frames; `sink_window` 4 + 8; `deep_sink` 4 + 4 frames + 64 kept tokens; `packforcing` 4 + 4
+frames + an archive of 27 compressed blocks (27 s of history) + the copies of its top 4 + the recent
+block's compressed tokens (`PackForcingPolicy.budget_tokens`). The test's absences last 5-8 s:
+longer than any recent window here. Writes ``OUT/runs.csv`` (one row per video, appended
 as runs finish; ``--resume`` skips done ones), ``OUT/table.md`` (mean per length and policy) and a
 frame strip per video in ``OUT/strips``. A video whose object never leaves has no return: its
 scores are NaN and ``returns`` says so.
@@ -21,11 +27,27 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from analysis.evaluate import FPS, _append, policy_specs, run_one, save_strip
+from analysis.evaluate import FPS, PolicySpec, _append, run_one, save_strip
 from analysis.memory import memory_score
 
 SEED_BASE = 2_000_000
 COLUMNS = ["returns", "colour_kept", "identity_kept"]
+
+
+def memory_specs(trained_hr: bool = False) -> list[PolicySpec]:
+    """The compared settings at equal stored KV (module docstring), plus the top-k ablations."""
+    pf = dict(sink_frames=4, recent_frames=4, top_k=4, archive_blocks=27)
+    comp = "both" if trained_hr else "lr"
+    return [
+        PolicySpec("full", "full"),
+        PolicySpec("window (12 frames)", "window", options=dict(window_frames=12)),
+        PolicySpec("sink_window (4+8)", "sink_window", options=dict(sink_frames=4, window_frames=8)),
+        PolicySpec("deep_sink (4+4, keep 64 tok.)", "deep_sink", options=dict(sink_frames=4, recent_frames=4,
+                                                                              keep_tokens=64)),
+        PolicySpec(f"packforcing ({comp.upper()}, top-4 of 27)", "packforcing", comp, dict(pf)),
+        PolicySpec("  ablation: FIFO mid (recency)", "packforcing", comp, dict(pf, selection="recency")),
+        PolicySpec("  ablation: no RoPE adjustment", "packforcing", comp, dict(pf, rope_adjust=False)),
+    ]
 
 
 def summarize(runs: pd.DataFrame) -> pd.DataFrame:
@@ -73,8 +95,10 @@ def main(argv=None) -> int:
     out = Path(args.out)
     (out / "strips").mkdir(parents=True, exist_ok=True)
     pipe = load_tiny_world(args.model or TINY_WORLD_DIR)
-    world = "v2" if pipe.height == 64 else "v1"
-    specs = policy_specs(quick=pipe.height == 64, trained_hr=pipe.compressor.hr is not None)
+    world = "v2"
+    if pipe.height != 64:
+        raise SystemExit("error: the memory test's budgets are set for the 64x64 (v2) model")
+    specs = memory_specs(trained_hr=pipe.compressor.hr is not None)
     runs_path = out / "runs.csv"
     done = pd.read_csv(runs_path) if (args.resume and runs_path.exists()) else None
     if done is None and runs_path.exists():

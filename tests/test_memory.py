@@ -111,3 +111,23 @@ def test_the_memory_table_counts_scenes_without_returns_and_skips_their_nans():
     assert np.isnan(table.loc["full", "colour_kept"])
     text = markdown(summarize(runs))
     assert "| 30 | full | 1 | 0 | 0.00 | – | – | 9.00 |" in text
+
+
+def test_memory_budgets_store_the_same_tokens_and_packforcing_reaches_back_past_any_absence():
+    import dataclasses as dc
+
+    from analysis.estimate import block_accounting
+    from analysis.evaluate_memory import memory_specs
+    from analysis.model_spec import PRESETS
+
+    spec = dc.replace(PRESETS["tiny"], height=64, width=64)  # the embedded v2 geometry: 16 tokens per latent frame
+    stored = {}
+    for s in memory_specs():
+        if s.policy == "full":
+            continue
+        tokens = block_accounting(spec, s.policy, s.options, num_blocks=60)["kv_tokens"]
+        stored[s.label] = tokens[-1]
+        assert max(tokens) == tokens[-1]  # bounded: the steady state is the peak
+    assert set(stored.values()) == {256}, stored  # 16 latent frames' worth (current block included), every policy
+    pf = next(s for s in memory_specs() if s.label.startswith("packforcing"))
+    assert pf.options["archive_blocks"] >= 2 * GAP_RANGE_S[1]  # blocks of 1 s: history beyond the longest absence
