@@ -3,8 +3,9 @@
     .venv/bin/python scripts/soak_served.py                       # 100 requests, 1-4 s videos
     .venv/bin/python scripts/soak_served.py --requests 30 --csv runs/soak_served.csv
 
-The server runs in a child process (``app.demo`` launched on a free localhost port, its own runs and
-Gradio cache directories under a temporary folder). The driver sends mixed requests — every cache
+The server runs in a child process (``multiprocessing`` spawn: a fresh interpreter that imports
+`app` and launches ``app.demo`` on a free localhost port, with its own runs and Gradio cache
+directories under a temporary folder). The driver sends mixed requests — every cache
 policy, lengths drawn from [--min-seconds, --max-seconds], a Compare of two policies every 10th
 request, a fresh client (a new session, as a REST caller or a new visitor) every 3rd — and after each
 one reads, from ``/proc/<pid>``, what the OS sees of the server: resident memory (VmRSS, no
@@ -22,10 +23,8 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
 import random
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,26 +38,25 @@ MiB = 2**20
 
 
 # ---- the server (child process) ----------------------------------------------------------------
-def serve(port: int) -> None:
-    """Launch the app, print READY, then answer 'gc' / 'trim' / 'quit' on stdin with RSS in bytes."""
+def serve(port: int, commands, env: dict) -> None:
+    """(A child process.) Launch the app, send "READY", then answer "gc" / "trim" with RSS in bytes
+    until "quit"."""
     import ctypes
     import gc
 
+    os.environ.update(env)
     sys.path.insert(0, str(ROOT))
     import app
 
     app.demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True,
                     **app.LAUNCH_KWARGS)
-    print("READY", flush=True)
-    for line in sys.stdin:
-        command = line.strip()
+    commands.send("READY")
+    while (command := commands.recv()) != "quit":
         if command == "gc":
             gc.collect()
         elif command == "trim":
             ctypes.CDLL("libc.so.6").malloc_trim(0)
-        elif command == "quit":
-            break
-        print(json.dumps({"rss": rss_of(os.getpid())}), flush=True)
+        commands.send(rss_of(os.getpid()))
     app.demo.close()
 
 
@@ -96,30 +94,34 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def start_server(work: Path, extra_env: list[str]) -> tuple[subprocess.Popen, str, dict[str, Path]]:
+def start_server(work: Path, extra_env: list[str]):
+    """The app in a child process (``spawn``: a fresh interpreter, as `python app.py` is) with its
+    own runs and Gradio directories under ``work``; returns (process, command pipe, url, dirs)."""
+    import multiprocessing
+
     sys.path.insert(0, str(ROOT))
     from tests.conftest import free_port
 
     dirs = {"runs": work / "runs", "gradio": work / "gradio"}
     for path in dirs.values():
         path.mkdir()
-    env = dict(os.environ, PACKFORCING_RUNS_DIR=str(dirs["runs"]), GRADIO_TEMP_DIR=str(dirs["gradio"]),
-               PACKFORCING_MIN_SECONDS="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    env = dict(PACKFORCING_RUNS_DIR=str(dirs["runs"]), GRADIO_TEMP_DIR=str(dirs["gradio"]),
+               PACKFORCING_MIN_SECONDS="1", OMP_NUM_THREADS="1")
     env.update(item.split("=", 1) for item in extra_env)
     port = free_port()
-    server = subprocess.Popen([sys.executable, __file__, "--serve", str(port)], cwd=ROOT, env=env, text=True,
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-    line = server.stdout.readline()
-    if line.strip() != "READY":
+    context = multiprocessing.get_context("spawn")
+    ours, theirs = context.Pipe()
+    server = context.Process(target=serve, args=(port, theirs, env), daemon=True)
+    server.start()
+    if not ours.poll(300) or ours.recv() != "READY":
         server.kill()
-        raise SystemExit(f"the server did not start: {line!r}")
-    return server, f"http://127.0.0.1:{port}/", dirs
+        raise SystemExit("the server did not start within 5 minutes")
+    return server, ours, f"http://127.0.0.1:{port}/", dirs
 
 
-def ask(server: subprocess.Popen, command: str) -> float:
-    server.stdin.write(command + "\n")
-    server.stdin.flush()
-    return json.loads(server.stdout.readline())["rss"] / MiB
+def ask(commands, command: str) -> float:
+    commands.send(command)
+    return commands.recv() / MiB
 
 
 def send(client, rng: random.Random, index: int) -> str:
@@ -145,7 +147,7 @@ def main(argv=None) -> int:
     rng = random.Random(args.seed)
     rows = []
     with tempfile.TemporaryDirectory(prefix="soak-served-") as tmp:
-        server, url, dirs = start_server(Path(tmp), args.env)
+        server, commands, url, dirs = start_server(Path(tmp), args.env)
         try:
             client = None
             for index in range(args.requests):
@@ -159,12 +161,12 @@ def main(argv=None) -> int:
                 print(f"{row['request']:4d} {what:32s} {row['seconds']:6.1f} s  rss {row['rss_mib']:7.1f} MiB  "
                       f"threads {row['threads']:3d}  fds {row['fds']:4d}  runs {row['runs_mib']:6.1f} MiB  "
                       f"gradio {row['gradio_mib']:6.1f} MiB", flush=True)
-            after_gc, after_trim = ask(server, "gc"), ask(server, "trim")
-            server.stdin.write("quit\n")
-            server.stdin.flush()
-            server.wait(timeout=30)
+            after_gc, after_trim = ask(commands, "gc"), ask(commands, "trim")
+            commands.send("quit")
+            server.join(timeout=30)
         finally:
-            server.kill() if server.poll() is None else None
+            if server.is_alive():
+                server.kill()
     Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
     with open(args.csv, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
