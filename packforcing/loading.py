@@ -241,6 +241,7 @@ def load_transformer(
     """
     from accelerate import init_empty_weights
 
+    device, dtype = check_device_dtype(device, dtype)
     path = Path(path)
     files = find_weight_files(path)
     cfg, cfg_source = _resolve_config(path, config, files)
@@ -273,6 +274,17 @@ def load_transformer(
     if leftover:  # cannot happen after check_state_dict unless model_cls has unusual parameters
         raise WeightLoadError(shown, "parameters left uninitialised", missing=leftover)
     return model.to(device).eval()
+
+
+def check_device_dtype(device, dtype) -> tuple[torch.device, torch.dtype]:
+    """``device`` parsed and ``dtype`` checked; a bad one is a `ValueError` (not torch's RuntimeError)."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"not a device: {device!r} ({e})") from None
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating torch.dtype such as torch.bfloat16, got {dtype!r}")
+    return device, dtype
 
 
 def _devices(device) -> tuple[str, ...]:
@@ -356,6 +368,7 @@ def load_wan_pipeline_components(
 
     from .text import UMT5TextEncoder
 
+    device, dtype = check_device_dtype(device, dtype)
     root = resolve_pretrained_dir(path_or_hub_id, local_files_only)
     check_pipeline_dir(root, _devices(device), dtype, text_dtype)
     _require_safetensors(root / "text_encoder", "text encoder")

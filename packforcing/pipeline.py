@@ -64,6 +64,8 @@ class Pipeline:
         self.dim = transformer.config.num_attention_heads * transformer.config.attention_head_dim
         self.compressor = compressor.eval() if compressor is not None else Compressor(self.dim, mode="lr")
         ratio = vae.spatial_ratio * 2  # VAE × patch
+        if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0 for v in (height, width)):
+            raise ValueError(f"height and width must be positive whole pixels, got {height!r}x{width!r}")
         if height % ratio or width % ratio:
             raise ValueError(f"height and width must be multiples of {ratio}, got {height}x{width}")
         self.height, self.width, self.fps = height, width, fps

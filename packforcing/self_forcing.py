@@ -108,10 +108,11 @@ def load_pipeline(spec: RealModelSpec = SELF_FORCING_DMD, device: str | torch.de
     """The model as a `Pipeline` on ``device`` (bf16 on CUDA, fp32 elsewhere unless ``dtype``).
 
     On CUDA the text encoder stays on the CPU and visits the GPU only to encode a prompt."""
+    from .loading import check_device_dtype
     from .pipeline import Pipeline
     from .sampler import SamplerConfig
 
-    device = torch.device(device)
+    device, _ = check_device_dtype(device, dtype or torch.float32)
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     base, checkpoint = resolve(spec, local_files_only, cache_dir)
