@@ -82,7 +82,10 @@ def _int_list(config: dict, key: str, length: tuple[int, int], low: int, high: i
 def check_fits(nbytes: int, devices, path, what: str) -> None:
     """`ModelConfigError` unless ``nbytes`` fit in the free memory of every device in ``devices``."""
     for device in devices:
-        free = available_memory(device)
+        try:
+            free = available_memory(device)
+        except Exception:  # e.g. a device emulated before the GPU is attached (ZeroGPU start-up)
+            free = None
         if free is not None and nbytes > MEMORY_SHARE * free:
             raise ModelConfigError(path, f"the {what} would take {nbytes / 2**30:.2f} GiB of weights but only "
                                          f"{free / 2**30:.2f} GiB is free on {torch.device(device)}")

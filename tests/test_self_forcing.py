@@ -142,6 +142,8 @@ def test_app_offers_and_generates_with_self_forcing(hub, monkeypatch):
     (True, True, "self-forcing"), (False, True, "embedded"), (True, False, "embedded"), (False, False, "embedded"),
 ])
 def test_startup_default_model(hub, tmp_path, monkeypatch, cuda, cached, expected):
+    import dataclasses
+
     import huggingface_hub.constants as constants
 
     from packforcing.studio import models
@@ -149,4 +151,20 @@ def test_startup_default_model(hub, tmp_path, monkeypatch, cuda, cached, expecte
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     if not cached:
         monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
-    assert models.choose_default_model() == expected
+    assert models.choose_default_model(load=False) == expected
+    loaded = []
+    choice = dataclasses.replace(models.MODELS["self-forcing"], loader=lambda: loaded.append(1) or
+                                 self_forcing.load_pipeline(height=64, width=64))  # "cuda" here is the CPU
+    monkeypatch.setitem(models.MODELS, "self-forcing", choice)
+    monkeypatch.setattr(models, "_PIPELINES", type(models._PIPELINES)())
+    assert models.choose_default_model() == expected  # loaded at start-up (module level on ZeroGPU)
+    assert loaded == ([1] if expected == "self-forcing" else [])
+
+
+def test_startup_falls_back_to_the_embedded_model_when_loading_fails(hub, monkeypatch, caplog):
+    from packforcing.studio import models
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # CUDA "available", but torch here is CPU-only
+    monkeypatch.setattr(models, "_PIPELINES", type(models._PIPELINES)())
+    assert models.choose_default_model() == "embedded"
+    assert "cannot be loaded" in caplog.text

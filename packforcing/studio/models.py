@@ -79,14 +79,22 @@ MODELS: dict[str, ModelChoice] = {
 }
 
 
-def choose_default_model() -> str:
-    """The real model when CUDA is available and its files are cached, else the embedded one."""
-    if torch.cuda.is_available() and MODELS[self_forcing.KEY].is_available():
-        return self_forcing.KEY
-    return "embedded"
+def choose_default_model(load: bool = True) -> str:
+    """The real model when CUDA is available and its files are cached, else the embedded one.
 
-
-DEFAULT_MODEL = choose_default_model()
+    With ``load`` the real model is loaded right away (start-up, module level: weights go to
+    ``cuda`` there, ZeroGPU's convention); if that fails the embedded model is chosen and the
+    reason logged, so a broken cache never stops the app."""
+    if not (torch.cuda.is_available() and MODELS[self_forcing.KEY].is_available()):
+        return "embedded"
+    if load:
+        try:
+            get_pipeline(self_forcing.KEY)
+        except Exception as err:  # StudioError, or what CUDA / a broken file raises: the app must start
+            log.warning("the real model is cached but cannot be loaded; using the embedded model: %s: %s",
+                        type(err).__name__, err)
+            return "embedded"
+    return self_forcing.KEY
 CHECKPOINT_NOTE = (
     f"{self_forcing.SELF_FORCING_DMD.label}: {self_forcing.SELF_FORCING_DMD.note} Other Wan2.1 models: an allow-listed Hugging Face hub id (PACKFORCING_ALLOWED_MODELS, loaded from the "
     "Space's cache only) or a directory inside PACKFORCING_MODELS_DIR; they need a GPU Space."
@@ -142,7 +150,7 @@ def model_key(model) -> str:
         raise StudioError(str(err)) from None
 
 
-def get_pipeline(model: str = DEFAULT_MODEL) -> Pipeline:
+def get_pipeline(model: str | None = None) -> Pipeline:
     """The (cached) pipeline of a model; its duration limit follows :func:`max_seconds`.
 
     ``model``: a key of :data:`MODELS` (the embedded model), an allow-listed hub id, or a directory
@@ -150,7 +158,7 @@ def get_pipeline(model: str = DEFAULT_MODEL) -> Pipeline:
     refused before the file system is touched). At most :data:`MAX_LOADED_MODELS` pipelines stay
     loaded (least recently used ones are dropped; the embedded model is kept).
     """
-    key = model_key(model)
+    key = model_key(DEFAULT_MODEL if model is None else model)
     if key in MODELS:
         choice = MODELS[key]
         if not choice.is_available():
@@ -172,3 +180,6 @@ def get_pipeline(model: str = DEFAULT_MODEL) -> Pipeline:
         _PIPELINES.move_to_end(key)
     pipe.max_seconds = max_seconds()
     return pipe
+
+
+DEFAULT_MODEL = choose_default_model()
