@@ -34,8 +34,11 @@ class ModelConfigError(ValueError):
 
 # ------------------------------------------------------------------------------------------ reading
 def read_config(path: str | os.PathLike) -> dict:
-    """A JSON object from ``path``; `ModelConfigError` if missing, not JSON or not an object."""
+    """A JSON object from ``path``; `FileNotFoundError` if missing, `ModelConfigError` if unreadable,
+    not JSON or not an object."""
     path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no model config at {path}")
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
@@ -93,6 +96,23 @@ def check_fits(nbytes: int, devices, path, what: str) -> None:
 
 def _bytes(params: int, dtype: torch.dtype) -> int:
     return int(params) * torch.empty((), dtype=dtype).element_size()
+
+
+def check_device_dtype(device, dtype) -> tuple[torch.device, torch.dtype]:
+    """``device`` parsed and ``dtype`` checked; a bad one is a `ValueError` (not torch's RuntimeError)."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"not a device: {device!r} ({e})") from None
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating torch.dtype such as torch.bfloat16, got {dtype!r}")
+    return device, dtype
+
+
+def devices_for(device) -> tuple[str, ...]:
+    """Where weights pass through: the CPU (read there first) and the target device."""
+    device = str(torch.device(device))
+    return ("cpu",) if device == "cpu" else ("cpu", device)
 
 
 # --------------------------------------------------------------------------------------- the models
@@ -163,14 +183,17 @@ def check_text_encoder_config(config: dict, path, devices=("cpu",), dtype=torch.
 def check_pipeline_dir(root: str | os.PathLike, devices=("cpu",), dtype=torch.float32,
                        text_dtype: torch.dtype | None = None, transformer: bool = True) -> None:
     """Check the configs of a diffusers Wan directory (``transformer/`` unless ``transformer=False``,
-    ``vae/``, ``text_encoder/``; ``model_index.json`` when present) before any of them is built."""
+    ``vae/``, ``text_encoder/``, ``model_index.json``) before any of them is built. A config that is
+    absent is left to the loader of that part (which names what is missing)."""
     root = Path(root)
-    if (root / "model_index.json").exists():
-        read_config(root / "model_index.json")
+    checks = [("model_index.json", None, None, None),
+              ("vae/config.json", check_vae_config, ("cpu",), torch.float32),
+              ("text_encoder/config.json", check_text_encoder_config, ("cpu",), text_dtype or dtype)]
     if transformer:
-        file = root / "transformer" / "config.json"
-        check_transformer_config(read_config(file), file, devices, dtype)
-    file = root / "vae" / "config.json"
-    check_vae_config(read_config(file), file, ("cpu",), torch.float32)
-    file = root / "text_encoder" / "config.json"
-    check_text_encoder_config(read_config(file), file, ("cpu",), text_dtype or dtype)
+        checks.insert(1, ("transformer/config.json", check_transformer_config, devices, dtype))
+    for name, check, where, as_dtype in checks:
+        file = root / name
+        if file.is_file():
+            config = read_config(file)
+            if check is not None:
+                check(config, file, where, as_dtype)

@@ -25,7 +25,8 @@ from typing import Any, NamedTuple
 import torch
 from diffusers import WanTransformer3DModel
 
-from .config_checks import ModelConfigError, check_pipeline_dir, check_transformer_config, read_config
+from .config_checks import (ModelConfigError, check_device_dtype, check_pipeline_dir, check_transformer_config,
+                            devices_for as _devices, read_config)
 
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 _PICKLE_SUFFIXES = (".pt", ".pth", ".bin")
@@ -276,23 +277,6 @@ def load_transformer(
     return model.to(device).eval()
 
 
-def check_device_dtype(device, dtype) -> tuple[torch.device, torch.dtype]:
-    """``device`` parsed and ``dtype`` checked; a bad one is a `ValueError` (not torch's RuntimeError)."""
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(f"not a device: {device!r} ({e})") from None
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ValueError(f"dtype must be a floating torch.dtype such as torch.bfloat16, got {dtype!r}")
-    return device, dtype
-
-
-def _devices(device) -> tuple[str, ...]:
-    """Where weights pass through: the CPU (read there first) and the target device."""
-    device = str(torch.device(device))
-    return ("cpu",) if device == "cpu" else ("cpu", device)
-
-
 def save_transformer(model, path: str | os.PathLike) -> Path:
     """Save weights as safetensors plus ``config.json`` beside them; returns the weights file.
 
@@ -370,8 +354,9 @@ def load_wan_pipeline_components(
 
     device, dtype = check_device_dtype(device, dtype)
     root = resolve_pretrained_dir(path_or_hub_id, local_files_only)
+    if transformer_checkpoint is None:
+        find_weight_files(root / "transformer")  # FileNotFoundError first for a directory without weights
     check_pipeline_dir(root, _devices(device), dtype, text_dtype)
-    _require_safetensors(root / "text_encoder", "text encoder")
     if transformer_checkpoint is None:
         # Same result and dtypes as model_cls.from_pretrained(root, subfolder="transformer"), but
         # strict, with one WeightLoadError (diffusers only warns about missing keys).
@@ -379,6 +364,7 @@ def load_wan_pipeline_components(
     else:
         config = read_config(root / "transformer" / "config.json")
         transformer = load_transformer(transformer_checkpoint, config=config, model_cls=model_cls, dtype=dtype)
+    _require_safetensors(root / "text_encoder", "text encoder")
     try:
         vae = AutoencoderKLWan.from_pretrained(root, subfolder="vae", torch_dtype=vae_dtype, local_files_only=True)
         text_encoder = UMT5TextEncoder.from_pretrained(root, max_length=text_max_length, dtype=text_dtype or dtype)

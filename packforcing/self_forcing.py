@@ -108,7 +108,7 @@ def load_pipeline(spec: RealModelSpec = SELF_FORCING_DMD, device: str | torch.de
     """The model as a `Pipeline` on ``device`` (bf16 on CUDA, fp32 elsewhere unless ``dtype``).
 
     On CUDA the text encoder stays on the CPU and visits the GPU only to encode a prompt."""
-    from .loading import check_device_dtype
+    from .config_checks import check_device_dtype
     from .pipeline import Pipeline
     from .sampler import SamplerConfig
 
