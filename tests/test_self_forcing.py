@@ -168,3 +168,18 @@ def test_startup_falls_back_to_the_embedded_model_when_loading_fails(hub, monkey
     monkeypatch.setattr(models, "_PIPELINES", type(models._PIPELINES)())
     assert models.choose_default_model() == "embedded"
     assert "cannot be loaded" in caplog.text
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_cli_and_app_run_every_policy_at_its_defaults(hub, tmp_path, policy):
+    import app
+    from packforcing.__main__ import main
+
+    out = tmp_path / f"{policy}.mp4"
+    assert main(["generate", "--model", "self-forcing", "--prompt", PROMPT, "--seconds", "5", "--policy", policy,
+                 "--height", "64", "--width", "64", "--device", "cpu", "--out", str(out)]) == 0
+    assert imageio_ffmpeg.count_frames_and_secs(str(out))[0] == 4 * 3 * 7 - 3
+    request = SimpleNamespace(session_hash=f"self-forcing-{policy}")
+    final = list(app.generate(request, prompt=PROMPT, seconds=5, seed=2, policy=policy, model="self-forcing",
+                              occ_layer="mean", occ_unit="tokens", topk_layer="mean", rope_layer="0"))[-1]
+    assert final[2] and imageio_ffmpeg.count_frames_and_secs(final[2])[0] == 4 * 3 * 7 - 3
