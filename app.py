@@ -27,6 +27,7 @@ from packforcing.studio.view import (  # the page's HTML and figures (no Gradio)
     IDLE, POLICY_NOTES, latency_plot, load_examples, model_note, occupancy_plot, progress_html, rope_plot,
     summary_frame, topk_plot, update_html,
 )
+from packforcing.studio.models import model_description
 
 CSS = """
 .pf-progress {padding: 6px 2px;}
@@ -265,7 +266,7 @@ def build_demo() -> gr.Blocks:
             "sink + compressed top-k mid blocks + recent (PackForcing, arXiv 2603.25730). Generate a video, "
             "watch it stream block by block, and see what the cache keeps and why.")
         gr.Markdown(f"Model: **{html.escape(pipe.name)}**, {pipe.width}×{pipe.height} at {pipe.fps} fps. "
-                    + model_note(pipe.name),
+                    + (model_note(pipe.name) or html.escape(model_description(studio.DEFAULT_MODEL))),
                     elem_classes="pf-note")
         tables_state = gr.State(None)
         with gr.Row():

@@ -30,9 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--policy", default="packforcing", choices=POLICY_NAMES)
     gen.add_argument("--out", default="video.mp4", help="output mp4 path")
     gen.add_argument("--model", default=None,
-                     help="diffusers-format Wan2.1 directory or hub id (local cache only); default: embedded model")
+                     help="'self-forcing' (Self-Forcing DMD on Wan2.1-T2V-1.3B, from the local Hugging Face cache), "
+                          "or a diffusers-format Wan2.1 directory or hub id (local cache only); default: embedded model")
     gen.add_argument("--checkpoint", default=None, help="Self-Forcing .pt replacing the transformer weights of --model")
-    gen.add_argument("--compressor-weights", default=None, help="trained compressor .safetensors for --model")
+    gen.add_argument("--compressor-weights", default=None, help="trained compressor .safetensors (python -m packforcing.training.distill)")
     gen.add_argument("--height", type=int, default=480, help="with --model: video height in pixels")
     gen.add_argument("--width", type=int, default=832, help="with --model: video width in pixels")
     gen.add_argument("--device", default="cuda" if _cuda() else "cpu")
@@ -117,7 +118,14 @@ def generate(args) -> int:
     if problem:
         return _fail(problem)
     try:
-        if args.model is not None:
+        if args.model == "self-forcing":
+            from .self_forcing import load_pipeline
+
+            if args.checkpoint is not None:
+                return _fail("--checkpoint cannot be combined with --model self-forcing (it brings its own)")
+            pipe = load_pipeline(device=args.device, compressor_path=args.compressor_weights, height=args.height,
+                                 width=args.width)
+        elif args.model is not None:
             import torch
 
             dtype = torch.bfloat16 if str(args.device).startswith("cuda") else torch.float32
@@ -125,6 +133,10 @@ def generate(args) -> int:
                                             args.width, device=args.device, dtype=dtype)
         else:
             pipe = default_pipeline()
+            if args.compressor_weights:
+                from .loading import load_compressor
+
+                pipe.compressor = load_compressor(args.compressor_weights, pipe.dim, pipe.transformer.device)
     except (OSError, ValueError) as err:  # missing/corrupted weights, bad sizes
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -27,3 +27,14 @@ TINY = dict(WAN21_T2V_1P3B, num_attention_heads=4, attention_head_dim=32, ffn_di
 
 # Full-size geometry: 832x480 pixels -> 60x104 latent -> 30x52 = 1,560 tokens per latent frame.
 WAN_LATENT_HW = (60, 104)
+
+# ---- the real model: Self-Forcing DMD on Wan2.1-T2V-1.3B -----------------------------------------
+# Text encoder (UMT5-XXL), tokenizer and VAE come from the diffusers repository; the causal
+# transformer from Self-Forcing's checkpoint (original Wan key names with a `model.` prefix).
+WAN21_DIFFUSERS_REPO = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
+SELF_FORCING_REPO = "gdhe17/Self-Forcing"
+SELF_FORCING_FILE = "checkpoints/self_forcing_dmd.pt"
+SELF_FORCING_KEY = "generator_ema"
+SELF_FORCING_BLOCK_FRAMES = 3  # latent frames per block of the public checkpoint
+SELF_FORCING_STEPS = (1000, 750, 500, 250)  # denoising_step_list, warped with shift 5
+SELF_FORCING_SHIFT = 5.0

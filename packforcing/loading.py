@@ -25,6 +25,9 @@ from typing import Any, NamedTuple
 import torch
 from diffusers import WanTransformer3DModel
 
+from .config_checks import (ModelConfigError, check_device_dtype, check_pipeline_dir, check_transformer_config,
+                            devices_for as _devices, read_config)
+
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 _PICKLE_SUFFIXES = (".pt", ".pth", ".bin")
 # Key fragments that only occur in original-Wan names (diffusers uses condition_embedder/attn1/...).
@@ -192,13 +195,16 @@ def check_state_dict(state_dict: dict[str, torch.Tensor], model: torch.nn.Module
 
 
 # ------------------------------------------------------------------------------------- transformer
-def _resolve_config(path: Path, config: dict | None, files: list[Path]) -> dict:
+def _resolve_config(path: Path, config: dict | None, files: list[Path]) -> tuple[dict, Path | str]:
+    """(config, where it came from): the argument, else ``config.json`` beside the weights."""
     if config is not None:
-        return dict(config)
+        if not isinstance(config, dict):
+            raise ValueError(f"config must be a dict of constructor arguments, got {type(config).__name__}")
+        return dict(config), "the config argument"
     candidates = [files[0].parent / "config.json"] + ([path / "config.json"] if path.is_dir() else [])
     for c in candidates:
         if c.is_file():
-            return json.loads(c.read_text())
+            return read_config(c), c
     raise ValueError(f"no config given and no config.json beside {files[0]}; "
                      "pass config= (e.g. packforcing.configs.WAN21_T2V_1P3B for Self-Forcing)")
 
@@ -226,17 +232,21 @@ def load_transformer(
     """Build ``model_cls`` and load weights strictly from any supported checkpoint (module doc).
 
     ``config``: constructor kwargs; default: ``config.json`` beside the weights (a Self-Forcing
-    ``.pt`` has none, so pass ``WAN21_T2V_1P3B``). Floating weights are cast to ``dtype`` except
+    ``.pt`` has none, so pass ``WAN21_T2V_1P3B``); it is bounded first (`packforcing.config_checks`:
+    sizes, types, weights against the free memory of ``device``). Floating weights are cast to ``dtype`` except
     ``model_cls._keep_in_fp32_modules`` (as diffusers' ``from_pretrained`` does). Parameters are
     created empty and filled tensor by tensor as the checkpoint's copies are freed, so a
     full-size model is never held twice. Returns the model in eval mode on ``device``. Raises `WeightLoadError`,
-    `FileNotFoundError` (see `read_state_dict`) or `ValueError` (no config).
+    `FileNotFoundError` (see `read_state_dict`), `ModelConfigError` (a bad config, naming its file) or
+    `ValueError` (no config).
     """
     from accelerate import init_empty_weights
 
+    device, dtype = check_device_dtype(device, dtype)
     path = Path(path)
     files = find_weight_files(path)
-    cfg = _resolve_config(path, config, files)
+    cfg, cfg_source = _resolve_config(path, config, files)
+    check_transformer_config(cfg, cfg_source, devices=_devices(device), dtype=dtype)
     shown = files[0] if len(files) == 1 else files[0].parent
     try:
         state_dict = convert_self_forcing_state_dict(read_state_dict(path), use_ema=use_ema)
@@ -246,7 +256,10 @@ def load_transformer(
         raise WeightLoadError(shown, str(e)) from None
 
     with init_empty_weights(include_buffers=False):  # parameters on meta, buffers (RoPE) real
-        model = model_cls(**_init_kwargs(model_cls, cfg))
+        try:
+            model = model_cls(**_init_kwargs(model_cls, cfg))
+        except (TypeError, ValueError, RuntimeError, AssertionError) as e:  # values the bounds let through
+            raise ModelConfigError(cfg_source, f"{type(e).__name__}: {e}") from None
     check_state_dict(state_dict, model, shown)
     keep = getattr(model_cls, "_keep_in_fp32_modules", None) or []
     owned = {}
@@ -321,23 +334,75 @@ def load_wan_pipeline_components(
     vae_dtype: torch.dtype = torch.float32,
     text_dtype: torch.dtype | None = None,
     text_max_length: int | None = None,
+    transformer_checkpoint: str | os.PathLike | None = None,
+    device: str | torch.device = "cpu",
 ) -> WanComponents:
     """Transformer, `AutoencoderKLWan` and `UMT5TextEncoder` of a diffusers-format Wan2.1 pipeline.
 
     ``path_or_hub_id``: a directory with ``transformer/``, ``vae/``, ``text_encoder/`` and
-    ``tokenizer/``, or a hub id (e.g. ``Wan-AI/Wan2.1-T2V-1.3B-Diffusers``). ``text_dtype``
-    defaults to ``dtype``. All on CPU; missing or mismatched transformer weights raise
-    `WeightLoadError`.
+    ``tokenizer/``, or a hub id (e.g. ``Wan-AI/Wan2.1-T2V-1.3B-Diffusers``). With
+    ``transformer_checkpoint`` (e.g. Self-Forcing's ``.pt``) the transformer is built from
+    ``transformer/config.json`` and filled from that file instead (the directory's own transformer
+    weights are not read). Every config is bounded before anything is built
+    (`packforcing.config_checks`; ``device`` is where the transformer will run). The text encoder
+    must be safetensors. ``text_dtype`` defaults to ``dtype``. All on CPU. Raises `WeightLoadError`,
+    `ModelConfigError` (both ``ValueError``) or `FileNotFoundError`.
     """
     from diffusers import AutoencoderKLWan
 
     from .text import UMT5TextEncoder
 
+    device, dtype = check_device_dtype(device, dtype)
     root = resolve_pretrained_dir(path_or_hub_id, local_files_only)
-    # Same result and dtypes as model_cls.from_pretrained(root, subfolder="transformer"), but
-    # strict, with one WeightLoadError (diffusers only warns about missing keys).
-    transformer = load_transformer(root / "transformer", model_cls=model_cls, dtype=dtype)
-    vae = AutoencoderKLWan.from_pretrained(root, subfolder="vae", torch_dtype=vae_dtype, local_files_only=True)
-    text_encoder = UMT5TextEncoder.from_pretrained(root, max_length=text_max_length,
-                                                   dtype=text_dtype or dtype)
+    if transformer_checkpoint is None:
+        find_weight_files(root / "transformer")  # FileNotFoundError first for a directory without weights
+    check_pipeline_dir(root, _devices(device), dtype, text_dtype)
+    if transformer_checkpoint is None:
+        # Same result and dtypes as model_cls.from_pretrained(root, subfolder="transformer"), but
+        # strict, with one WeightLoadError (diffusers only warns about missing keys).
+        transformer = load_transformer(root / "transformer", model_cls=model_cls, dtype=dtype)
+    else:
+        config = read_config(root / "transformer" / "config.json")
+        transformer = load_transformer(transformer_checkpoint, config=config, model_cls=model_cls, dtype=dtype)
+    _require_safetensors(root / "text_encoder", "text encoder")
+    try:
+        vae = AutoencoderKLWan.from_pretrained(root, subfolder="vae", torch_dtype=vae_dtype, local_files_only=True)
+        text_encoder = UMT5TextEncoder.from_pretrained(root, max_length=text_max_length, dtype=text_dtype or dtype)
+    except (TypeError, AssertionError, RuntimeError, KeyError) as e:  # values the config bounds let through
+        raise ModelConfigError(root, f"{type(e).__name__}: {e}") from None
     return WanComponents(transformer, vae.eval(), text_encoder)
+
+
+def _require_safetensors(folder: Path, what: str) -> None:
+    """`WeightLoadError` unless ``folder`` holds safetensors weights (pickled ``.bin`` is refused)."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no {what} folder at {folder}")
+    if not any(folder.glob("*.safetensors")):
+        found = sorted(p.name for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+        raise WeightLoadError(folder, f"the {what} must be in safetensors format"
+                                      + (f"; found {', '.join(found)} (pickled weights are refused)" if found else ""))
+
+
+def load_compressor(path: str | os.PathLike, model_dim: int | None = None, device: str | torch.device = "cpu"):
+    """A trained `Compressor` from a ``.safetensors`` file written by `Compressor.save`.
+
+    Raises `WeightLoadError` (naming the file) for another format, an unreadable file, or a
+    compressor of another width than ``model_dim``; `FileNotFoundError` if it does not exist.
+    """
+    from .compressor import Compressor
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no compressor weights at {path}")
+    if path.suffix != ".safetensors":
+        raise WeightLoadError(path, "compressor weights must be a .safetensors file written by Compressor.save "
+                                    f"(got {path.suffix or 'no suffix'})")
+    try:
+        compressor = Compressor.load(str(path))
+    except WeightLoadError:
+        raise
+    except Exception as e:  # SafetensorError, bad metadata JSON, wrong shapes (ValueError)
+        raise WeightLoadError(path, f"not a readable compressor file: {type(e).__name__}: {e}") from None
+    if model_dim is not None and compressor.model_dim != model_dim:
+        raise WeightLoadError(path, f"compressor of width {compressor.model_dim} does not fit a model of width {model_dim}")
+    return compressor.to(device).eval()

@@ -64,6 +64,8 @@ class Pipeline:
         self.dim = transformer.config.num_attention_heads * transformer.config.attention_head_dim
         self.compressor = compressor.eval() if compressor is not None else Compressor(self.dim, mode="lr")
         ratio = vae.spatial_ratio * 2  # VAE × patch
+        if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0 for v in (height, width)):
+            raise ValueError(f"height and width must be positive whole pixels, got {height!r}x{width!r}")
         if height % ratio or width % ratio:
             raise ValueError(f"height and width must be multiples of {ratio}, got {height}x{width}")
         self.height, self.width, self.fps = height, width, fps
@@ -114,19 +116,17 @@ class Pipeline:
         Loading is strict and safe (see `packforcing.loading`); nothing is downloaded when
         ``local_files_only``.
         """
-        from .loading import load_transformer, load_wan_pipeline_components
+        from .loading import load_compressor, load_wan_pipeline_components
 
         parts = load_wan_pipeline_components(
-            path_or_hub_id, local_files_only=local_files_only, model_cls=CausalWanTransformer, dtype=dtype
+            path_or_hub_id, local_files_only=local_files_only, model_cls=CausalWanTransformer, dtype=dtype,
+            transformer_checkpoint=self_forcing_checkpoint, device=device,
         )
         transformer = parts.transformer
         if self_forcing_checkpoint is not None:
-            transformer = load_transformer(
-                self_forcing_checkpoint, config=dict(transformer.config), model_cls=CausalWanTransformer, dtype=dtype
-            )
             block_frames = block_frames or 3
         dim = transformer.config.num_attention_heads * transformer.config.attention_head_dim
-        compressor = Compressor.load(str(compressor_path)) if compressor_path else Compressor(dim, mode="lr")
+        compressor = load_compressor(compressor_path, dim) if compressor_path else Compressor(dim, mode="lr")
         sampler = SamplerConfig(block_frames=block_frames or 4)
         name = f"{path_or_hub_id}" + (f" + {Path(self_forcing_checkpoint).name}" if self_forcing_checkpoint else "")
         offload = torch.device(device).type != "cpu"
