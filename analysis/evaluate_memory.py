@@ -35,16 +35,21 @@ COLUMNS = ["returns", "colour_kept", "identity_kept"]
 
 
 def memory_specs(trained_hr: bool = False) -> list[PolicySpec]:
-    """The compared settings at equal stored KV (module docstring), plus the top-k ablations."""
+    """The compared settings at equal stored KV (module docstring), plus the top-k ablations (on the
+    trained HR+LR compressor when the model has one, else on the LR branch)."""
     pf = dict(sink_frames=4, recent_frames=4, top_k=4, archive_blocks=27)
     comp = "both" if trained_hr else "lr"
-    return [
+    specs = [
         PolicySpec("full", "full"),
         PolicySpec("window (12 frames)", "window", options=dict(window_frames=12)),
         PolicySpec("sink_window (4+8)", "sink_window", options=dict(sink_frames=4, window_frames=8)),
         PolicySpec("deep_sink (4+4, keep 64 tok.)", "deep_sink", options=dict(sink_frames=4, recent_frames=4,
                                                                               keep_tokens=64)),
-        PolicySpec(f"packforcing ({comp.upper()}, top-4 of 27)", "packforcing", comp, dict(pf)),
+        PolicySpec("packforcing (LR, top-4 of 27)", "packforcing", "lr", dict(pf)),
+    ]
+    if trained_hr:
+        specs.append(PolicySpec("packforcing (HR+LR, top-4 of 27)", "packforcing", "both", dict(pf)))
+    return specs + [
         PolicySpec("  ablation: FIFO mid (recency)", "packforcing", comp, dict(pf, selection="recency")),
         PolicySpec("  ablation: no RoPE adjustment", "packforcing", comp, dict(pf, rope_adjust=False)),
     ]

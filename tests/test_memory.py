@@ -122,7 +122,7 @@ def test_memory_budgets_store_the_same_tokens_and_packforcing_reaches_back_past_
 
     spec = dc.replace(PRESETS["tiny"], height=64, width=64)  # the embedded v2 geometry: 16 tokens per latent frame
     stored = {}
-    for s in memory_specs():
+    for s in memory_specs(trained_hr=True):
         if s.policy == "full":
             continue
         tokens = block_accounting(spec, s.policy, s.options, num_blocks=60)["kv_tokens"]

@@ -279,6 +279,10 @@ def _load(args):
         from ..embedded import default_pipeline
 
         return default_pipeline().to(args.device)
+    from ..tiny_world import has_tiny_world, load_tiny_world
+
+    if has_tiny_world(args.model):  # an exported tiny-world directory (e.g. a fine-tuned one)
+        return load_tiny_world(args.model, device=args.device)
     if args.model == "self-forcing":
         from ..self_forcing import load_pipeline
 
@@ -299,7 +303,8 @@ def main(argv=None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m packforcing.training.distill",
                                      description="Train a compressor's HR branch by self-distillation (no dataset).")
-    parser.add_argument("--model", default="embedded", help="embedded | self-forcing | a diffusers Wan2.1 directory")
+    parser.add_argument("--model", default="embedded",
+                        help="embedded | self-forcing | a tiny-world directory | a diffusers Wan2.1 directory")
     parser.add_argument("--checkpoint", default=None, help="with a directory: Self-Forcing .pt for its transformer")
     parser.add_argument("--prompt", action="append", default=[], help="a training prompt (repeatable)")
     parser.add_argument("--prompts", default=None, help="file with one training prompt per line")
