@@ -23,6 +23,7 @@ from pathlib import Path  # noqa: E402
 import gradio as gr  # noqa: E402
 
 from analysis.figures import compare_figure, summary_table
+from packforcing.studio import admission, http_guard  # Gradio's queue and HTTP edge on a public Space
 from packforcing.studio.view import (  # the page's HTML and figures (no Gradio)
     IDLE, POLICY_NOTES, latency_plot, load_examples, model_note, occupancy_plot, progress_html, rope_plot,
     summary_frame, topk_plot, update_html,
@@ -40,6 +41,16 @@ THEME = gr.themes.Soft(primary_hue="indigo", secondary_hue="emerald")
 LAUNCH_KWARGS = {"theme": THEME, "css": CSS}
 
 
+def launch_kwargs() -> dict:
+    """What ``demo.launch`` gets (a fresh dict each time: Gradio writes into ``app_kwargs``): the
+    theme, the request file-size cap (``PACKFORCING_MAX_UPLOAD_MB``) and the HTTP guard that
+    closes the upload routes and frees REST callers' preview segments."""
+    from starlette.middleware import Middleware
+
+    return {**LAUNCH_KWARGS, "max_file_size": safety.max_upload_bytes(),
+            "app_kwargs": {"middleware": [Middleware(http_guard.SpaceGuard)]}}
+
+
 # ---- handlers ----------------------------------------------------------------------------------
 KNOBS = studio.knob_specs()
 KNOB_NAMES = list(KNOBS)
@@ -52,18 +63,26 @@ def _session(request: gr.Request | None) -> str:
     return getattr(request, "session_hash", None) or "default"
 
 
+def _shown(message) -> str:
+    """A message for a toast or an API error: server paths masked, HTML shown as text."""
+    return html.escape(safety.public_text(str(message)), quote=False)
+
+
 def _request_from(values) -> tuple[studio.RunRequest, dict]:
     args = dict(zip(INPUTS, values))
     options = {name: args[name] for name in KNOB_NAMES}
     try:
         req = studio.validate_request(args["prompt"], args["seconds"], args["seed"], args["policy"], options,
                                       args["compressor"], args["model"] or studio.DEFAULT_MODEL,
-                                      randomize_seed=bool(args["randomize_seed"]))
+                                      randomize_seed=args["randomize_seed"])
+        layers = studio.get_pipeline(req.model).transformer.config.num_layers
+        args.update(studio.validate_view(args["occ_layer"], args["occ_unit"], args["topk_layer"], args["rope_layer"],
+                                         layers))
     except studio.StudioError as err:
-        raise gr.Error(str(err), title="Invalid input") from None
+        raise gr.Error(_shown(err), title="Invalid input") from None
     note = studio.prompt_warning(req.prompt, req.model)
     if note:
-        gr.Warning(note)
+        gr.Warning(_shown(note))
     return req, args
 
 
@@ -95,7 +114,7 @@ def _generate(request: gr.Request, *values):
                    tables, gr.skip())
         tables = update.tables
         if update.kind == "error":
-            gr.Warning(f"Generation failed: {update.message}")
+            gr.Warning(_shown(f"Generation failed: {update.message}"))
         elif update.stopped:
             gr.Info(f"Stopped after {update.blocks_done} of {update.total_blocks} blocks; the partial video is kept.")
         yield (update_html(update), gr.skip(), str(update.video) if update.video else None,
@@ -109,6 +128,7 @@ def _generate(request: gr.Request, *values):
     finally:
         worker.stop()
         studio.RUNS.unregister(key, worker)
+        http_guard.release_streams(request)
 
 
 def _compare(request: gr.Request, *values):
@@ -118,7 +138,7 @@ def _compare(request: gr.Request, *values):
     try:
         run = studio.CompareRun(req, chosen, options={req.policy: req.options})
     except studio.StudioError as err:
-        raise gr.Error(str(err), title="Invalid input") from None
+        raise gr.Error(_shown(err), title="Invalid input") from None
     key = _session(request)
     studio.RUNS.register(key, run)
     names = studio.policy_names()
@@ -137,7 +157,7 @@ def _compare(request: gr.Request, *values):
                        compare_figure(run.blocks_by_policy(latest)), gr.skip(), gr.skip())
                 continue
             if update.kind == "error":
-                gr.Warning(f"{policy} failed: {update.message}")
+                gr.Warning(_shown(f"{policy} failed: {update.message}"))
             slot = [gr.update(value=str(update.video), label=f"{policy}" + (" (stopped)" if update.stopped else ""))
                     if p == policy and update.video else gr.skip() for p in names]
             yield (progress_html(frac, text), *slot, compare_figure(run.blocks_by_policy(latest)),
@@ -190,10 +210,16 @@ def enumerate_policies(run: studio.CompareRun):
         yield order[policy], (policy, update)
 
 
-def stop(request: gr.Request):
-    """Stop this session's generation after the block in progress (the partial video is kept)."""
-    if studio.RUNS.stop(_session(request)):
+async def stop(request: gr.Request):
+    """Stop this session's generations: a running one after the block in progress (the partial
+    video is kept), one still waiting in the queue at once."""
+    key = _session(request)
+    running = studio.RUNS.stop(key)
+    queued = await admission.stop_queued(request.request.app.get_blocks(), key)
+    if running:
         gr.Info("Stopping after the current block…")
+    elif queued:
+        gr.Info("Stopped: the run had not started yet.")
 
 
 def on_unload(request: gr.Request):
@@ -363,13 +389,14 @@ def build_demo() -> gr.Blocks:
         policy.change(on_policy, policy, [policy_note, compressor, advanced, *knobs], api_visibility="private",
                       queue=False)
         generate_btn.click(_lock, None, buttons, queue=False, api_visibility="private").then(
-            generate, inputs, outputs, api_name="generate", concurrency_id="generation",
-            concurrency_limit=concurrency,
+            generate, inputs, outputs, api_name="generate", concurrency_id=admission.GENERATION,
+            concurrency_limit=concurrency, preprocess=False,  # raw values: validate_request names a bad field
         ).then(_unlock, None, buttons, queue=False, api_visibility="private")
         compare_btn.click(_lock, None, buttons, queue=False, api_visibility="private").then(
             compare, [*inputs, compare_policies], [compare_progress, *compare_videos, compare_plot, compare_table,
                                                    seed],
-            api_name="compare", concurrency_id="generation", concurrency_limit=concurrency,
+            api_name="compare", concurrency_id=admission.GENERATION, concurrency_limit=concurrency,
+            preprocess=False,
         ).then(_unlock, None, buttons, queue=False, api_visibility="private")
         for button in (stop_btn, compare_stop):
             button.click(stop, None, None, api_name="stop", concurrency_limit=None,
@@ -385,10 +412,11 @@ def build_demo() -> gr.Blocks:
                            concurrency_limit=None)
         demo.unload(on_unload)
     demo.queue(default_concurrency_limit=concurrency, max_size=safety.queue_size())
+    admission.ClientLimit(demo).install()  # at most PACKFORCING_JOBS_PER_CLIENT per client address
     return demo
 
 
 demo = build_demo()
 
 if __name__ == "__main__":
-    demo.launch(**LAUNCH_KWARGS)
+    demo.launch(**launch_kwargs())

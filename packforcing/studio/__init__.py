@@ -40,7 +40,8 @@ from .models import (  # noqa: F401
 )
 from .requests import (  # noqa: F401
     GPU_MARGIN, GPU_MAX_DURATION_S, GPU_OVERHEAD_S, GPU_SECONDS_PER_BLOCK, MAX_PROMPT_CHARS, MAX_SEED, MIN_SECONDS,
-    RunRequest, _request_duration, blocks_gpu_duration, gpu_duration, prompt_warning, random_seed, validate_request,
+    VIEW_UNITS, RunRequest, _request_duration, blocks_gpu_duration, gpu_duration, prompt_warning, random_seed,
+    validate_request, validate_view,
 )
 from .runs import (  # noqa: F401
     _RUN_LOCK, MAX_SECONDS_ENV, RUN_DIR_PREFIX, RUN_MAX_AGE_S, RUNS, RUNS_DIR_ENV, RunRegistry, RunSlots,
