@@ -319,3 +319,27 @@ def test_wrong_typed_values_through_raw_http(serve):
         assert name == "error" and re.search(match, json.loads(data)["error"]), (api, values, data)
     r = post(url, rest_data(url, prompt=PROMPT, seconds=1, policy="window"))
     assert events(url, r.json()["event_id"])[-1][0] == "complete"
+
+
+@pytest.mark.parametrize("env, value, expected", [
+    (safety.JOBS_PER_CLIENT_ENV, None, 2), (safety.JOBS_PER_CLIENT_ENV, "5", 5), (safety.JOBS_PER_CLIENT_ENV, "0", 2),
+    (safety.JOBS_PER_CLIENT_ENV, "1.5", 2), (safety.TRUSTED_PROXIES_ENV, None, 0), (safety.TRUSTED_PROXIES_ENV, "2", 2),
+    (safety.TRUSTED_PROXIES_ENV, "-1", 0), (safety.MAX_UPLOAD_MB_ENV, None, 2**20),
+    (safety.MAX_UPLOAD_MB_ENV, "16", 16 * 2**20), (safety.MAX_UPLOAD_MB_ENV, "nan", 2**20),
+])
+def test_new_limits_come_from_the_environment(env, value, expected, monkeypatch):
+    monkeypatch.delenv("SPACE_ID", raising=False)
+    monkeypatch.delenv(env, raising=False)
+    if value is not None:
+        monkeypatch.setenv(env, value)
+    read = {safety.JOBS_PER_CLIENT_ENV: safety.jobs_per_client, safety.TRUSTED_PROXIES_ENV: safety.trusted_proxies,
+            safety.MAX_UPLOAD_MB_ENV: safety.max_upload_bytes}[env]
+    assert read() == expected
+
+
+def test_on_a_space_one_proxy_is_trusted_by_default(monkeypatch):
+    monkeypatch.delenv(safety.TRUSTED_PROXIES_ENV, raising=False)
+    monkeypatch.setenv("SPACE_ID", "someone/space")
+    assert safety.trusted_proxies() == 1
+    monkeypatch.setenv(safety.TRUSTED_PROXIES_ENV, "0")
+    assert safety.trusted_proxies() == 0
