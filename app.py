@@ -388,16 +388,19 @@ def build_demo() -> gr.Blocks:
         buttons = [generate_btn, compare_btn]
         policy.change(on_policy, policy, [policy_note, compressor, advanced, *knobs], api_visibility="private",
                       queue=False)
-        generate_btn.click(_lock, None, buttons, queue=False, api_visibility="private").then(
+        generating = generate_btn.click(_lock, None, buttons, queue=False, api_visibility="private").then(
             generate, inputs, outputs, api_name="generate", concurrency_id=admission.GENERATION,
             concurrency_limit=concurrency, preprocess=False,  # raw values: validate_request names a bad field
-        ).then(_unlock, None, buttons, queue=False, api_visibility="private")
-        compare_btn.click(_lock, None, buttons, queue=False, api_visibility="private").then(
+        )
+        comparing = compare_btn.click(_lock, None, buttons, queue=False, api_visibility="private").then(
             compare, [*inputs, compare_policies], [compare_progress, *compare_videos, compare_plot, compare_table,
                                                    seed],
             api_name="compare", concurrency_id=admission.GENERATION, concurrency_limit=concurrency,
             preprocess=False,
-        ).then(_unlock, None, buttons, queue=False, api_visibility="private")
+        )
+        for run in (generating, comparing):  # the page's .then() follows success only: unlock on failure too
+            run.then(_unlock, None, buttons, queue=False, api_visibility="private")
+            run.failure(_unlock, None, buttons, queue=False, api_visibility="private")
         for button in (stop_btn, compare_stop):
             button.click(stop, None, None, api_name="stop", concurrency_limit=None,
                          api_visibility="public" if button is stop_btn else "private")

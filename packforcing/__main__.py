@@ -247,7 +247,11 @@ def generate(args) -> int:
             return _fail(f"generation failed at block 1 ({what}); nothing was written", 130 if interrupts.count else 1)
         if failure is not None:
             print(f"saving the {len(frames)} finished blocks…", file=sys.stderr, flush=True)
-        path, trace = save_outputs(args, frames, recorder, pipe.fps)
+        try:
+            path, trace = save_outputs(args, frames, recorder, pipe.fps)
+        except OSError as err:  # disk full, ffmpeg gone: the previous files are untouched
+            return _fail(f"writing the outputs failed ({type(err).__name__}: {err}); {args.out!r}"
+                         + (f" and {args.trace!r}" if args.trace else "") + " were left as they were", 1)
     if failure is not None:
         what = "interrupted" if isinstance(failure, KeyboardInterrupt) else f"{type(failure).__name__}: {failure}"
         kept = f"{path}" + (f" and the trace to {trace}" if trace else "")
