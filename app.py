@@ -22,33 +22,20 @@ from pathlib import Path  # noqa: E402
 
 import gradio as gr  # noqa: E402
 
-from analysis.figures import compare_figure, summary_table
+from analysis.figures import compare_figure
 from packforcing.studio import admission, http_guard  # Gradio's queue and HTTP edge on a public Space
 from packforcing.studio.view import (  # the page's HTML and figures (no Gradio)
-    IDLE, POLICY_NOTES, latency_plot, load_examples, model_note, occupancy_plot, progress_html, rope_plot,
-    summary_frame, topk_plot, update_html,
+    CSS, IDLE, POLICY_NOTES, compare_frame, latency_plot, load_examples, model_note, occupancy_plot, progress_html,
+    rope_plot, summary_frame, toast_text, topk_plot, update_html,
 )
 
-CSS = """
-.pf-progress {padding: 6px 2px;}
-.pf-bar {height: 12px; border-radius: 6px; background: var(--neutral-200, #e5e7eb); overflow: hidden;}
-.pf-fill {height: 100%; background: linear-gradient(90deg, #6366f1, #22c55e); transition: width .3s;}
-.pf-fill.pf-stopped {background: #f59e0b;} .pf-fill.pf-error {background: #ef4444;}
-.pf-text {margin-top: 4px; font-size: 0.95em;}
-.pf-note {font-size: 0.9em; opacity: 0.8;}
-"""
 THEME = gr.themes.Soft(primary_hue="indigo", secondary_hue="emerald")
 LAUNCH_KWARGS = {"theme": THEME, "css": CSS}
 
 
 def launch_kwargs() -> dict:
-    """What ``demo.launch`` gets (a fresh dict each time: Gradio writes into ``app_kwargs``): the
-    theme, the request file-size cap (``PACKFORCING_MAX_UPLOAD_MB``) and the HTTP guard that
-    closes the upload routes and frees REST callers' preview segments."""
-    from starlette.middleware import Middleware
-
-    return {**LAUNCH_KWARGS, "max_file_size": safety.max_upload_bytes(),
-            "app_kwargs": {"middleware": [Middleware(http_guard.SpaceGuard)]}}
+    """What ``demo.launch`` gets: the theme and the HTTP guard's settings (`http_guard.launch_kwargs`)."""
+    return {**LAUNCH_KWARGS, **http_guard.launch_kwargs()}
 
 
 # ---- handlers ----------------------------------------------------------------------------------
@@ -63,11 +50,6 @@ def _session(request: gr.Request | None) -> str:
     return getattr(request, "session_hash", None) or "default"
 
 
-def _shown(message) -> str:
-    """A message for a toast or an API error: server paths masked, HTML shown as text."""
-    return html.escape(safety.public_text(str(message)), quote=False)
-
-
 def _request_from(values) -> tuple[studio.RunRequest, dict]:
     args = dict(zip(INPUTS, values))
     options = {name: args[name] for name in KNOB_NAMES}
@@ -79,10 +61,10 @@ def _request_from(values) -> tuple[studio.RunRequest, dict]:
         args.update(studio.validate_view(args["occ_layer"], args["occ_unit"], args["topk_layer"], args["rope_layer"],
                                          layers))
     except studio.StudioError as err:
-        raise gr.Error(_shown(err), title="Invalid input") from None
+        raise gr.Error(toast_text(err), title="Invalid input") from None
     note = studio.prompt_warning(req.prompt, req.model)
     if note:
-        gr.Warning(_shown(note))
+        gr.Warning(toast_text(note))
     return req, args
 
 
@@ -114,7 +96,7 @@ def _generate(request: gr.Request, *values):
                    tables, gr.skip())
         tables = update.tables
         if update.kind == "error":
-            gr.Warning(_shown(f"Generation failed: {update.message}"))
+            gr.Warning(toast_text(f"Generation failed: {update.message}"))
         elif update.stopped:
             gr.Info(f"Stopped after {update.blocks_done} of {update.total_blocks} blocks; the partial video is kept.")
         yield (update_html(update), gr.skip(), str(update.video) if update.video else None,
@@ -138,7 +120,7 @@ def _compare(request: gr.Request, *values):
     try:
         run = studio.CompareRun(req, chosen, options={req.policy: req.options})
     except studio.StudioError as err:
-        raise gr.Error(_shown(err), title="Invalid input") from None
+        raise gr.Error(toast_text(err), title="Invalid input") from None
     key = _session(request)
     studio.RUNS.register(key, run)
     names = studio.policy_names()
@@ -148,7 +130,7 @@ def _compare(request: gr.Request, *values):
     latest: dict[str, studio.Update] = {}
     total = len(run.policies)
     try:
-        for i, (policy, update) in enumerate_policies(run):
+        for i, (policy, update) in run.indexed_updates():
             latest[policy] = update
             frac = (i + update.fraction) / total
             text = f"{policy} ({i + 1}/{total}): {update.progress_text()}"
@@ -157,11 +139,11 @@ def _compare(request: gr.Request, *values):
                        compare_figure(run.blocks_by_policy(latest)), gr.skip(), gr.skip())
                 continue
             if update.kind == "error":
-                gr.Warning(_shown(f"{policy} failed: {update.message}"))
+                gr.Warning(toast_text(f"{policy} failed: {update.message}"))
             slot = [gr.update(value=str(update.video), label=f"{policy}" + (" (stopped)" if update.stopped else ""))
                     if p == policy and update.video else gr.skip() for p in names]
             yield (progress_html(frac, text), *slot, compare_figure(run.blocks_by_policy(latest)),
-                   compare_summary(run), gr.skip())
+                   compare_frame(run.results), gr.skip())
         stopped = any(u.stopped for u in run.results.values()) or len(run.results) < total
         text = ("Stopped: " if stopped else "Done: ") + ", ".join(
             f"{p} {u.blocks_done}/{u.total_blocks} blocks" for p, u in run.results.items())
@@ -169,7 +151,7 @@ def _compare(request: gr.Request, *values):
         final_slots = [str(run.results[p].video) if p in run.results and run.results[p].video else None
                        for p in names]
         yield (progress_html(len(run.results) / total, text, "pf-stopped" if stopped else ""), *final_slots,
-               compare_figure(run.blocks_by_policy()), compare_summary(run), req.seed)
+               compare_figure(run.blocks_by_policy()), compare_frame(run.results), req.seed)
     finally:
         run.stop()
         studio.RUNS.unregister(key, run)
@@ -199,17 +181,6 @@ generate = _named(_generate, INPUTS, "generate")
 compare = _named(_compare, [*INPUTS, "policies"], "compare")
 
 
-def compare_summary(run: studio.CompareRun):
-    table = summary_table({p: {**u.tables, "meta": u.meta} for p, u in run.results.items()})
-    return table.drop(columns=["policy"], errors="ignore").round(4)
-
-
-def enumerate_policies(run: studio.CompareRun):
-    order = {p: i for i, p in enumerate(run.policies)}
-    for policy, update in run.updates():
-        yield order[policy], (policy, update)
-
-
 async def stop(request: gr.Request):
     """Stop this session's generations: a running one after the block in progress (the partial
     video is kept), one still waiting in the queue at once."""
@@ -222,9 +193,11 @@ async def stop(request: gr.Request):
         gr.Info("Stopped: the run had not started yet.")
 
 
-def on_unload(request: gr.Request):
-    """The browser tab closed: stop that session's run (its partial video stays in its run directory)."""
+async def on_unload(request: gr.Request):
+    """The browser tab closed: stop that session's runs (a partial video stays in its run directory)
+    and take its waiting ones out of the queue."""
     studio.RUNS.stop(_session(request))
+    await admission.stop_queued(request.request.app.get_blocks(), _session(request))
 
 
 def on_policy(policy):

@@ -21,7 +21,10 @@ a browser or a server:
 
 Modules by job: `models` (which models, cached pipelines), `requests` (validation, GPU duration),
 `runs` (slots, run directories, the session registry), `worker` (GPU entry point, the worker),
-`compare` (several policies in turn). This package re-exports their public names.
+`compare` (several policies in turn). This package re-exports their public names. For a public
+Space, `admission` caps each client address's generations in Gradio's queue and stops waiting
+ones, and `http_guard` (ASGI middleware) closes the upload routes and frees REST callers' preview
+segments; `view` holds the page's HTML, styles and figures.
 """
 
 from __future__ import annotations

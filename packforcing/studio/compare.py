@@ -76,6 +76,12 @@ class CompareRun:
                 worker.stop()
                 self._current = None
 
+    def indexed_updates(self, timeout: float | None = None) -> Iterator[tuple[int, tuple[str, Update]]]:
+        """:meth:`updates` with each policy's position in :attr:`policies`."""
+        order = {p: i for i, p in enumerate(self.policies)}
+        for policy, update in self.updates(timeout):
+            yield order[policy], (policy, update)
+
     def blocks_by_policy(self, latest: Mapping[str, Update] | None = None) -> dict[str, pd.DataFrame]:
         runs = dict(self.results)
         runs.update({k: v for k, v in (latest or {}).items() if k not in runs})

@@ -90,6 +90,16 @@ async def _refuse(send, status: int, message: str) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+def launch_kwargs() -> dict:
+    """The guard's ``demo.launch`` arguments, a fresh dict each time (Gradio writes into
+    ``app_kwargs``): this middleware, and ``max_file_size`` from ``PACKFORCING_MAX_UPLOAD_MB``."""
+    from starlette.middleware import Middleware
+
+    from .. import safety
+
+    return {"max_file_size": safety.max_upload_bytes(), "app_kwargs": {"middleware": [Middleware(SpaceGuard)]}}
+
+
 def _end_session_streams(blocks, session: str) -> None:
     """What Gradio does when a heartbeat closes: end and drop the session's media streams."""
     for run in blocks.pending_streams.pop(session, {}).values():
