@@ -12,6 +12,7 @@ import concurrent.futures
 import html
 import json
 import os
+import threading
 import time
 
 import httpx
@@ -89,7 +90,14 @@ def client(url: str, **kwargs):
 
 
 # ---- 1. one anonymous client cannot lock everyone out -------------------------------------------
-def test_one_client_address_cannot_fill_the_queue(serve):
+def test_one_client_address_cannot_fill_the_queue(serve, monkeypatch):
+    gate, stream = threading.Event(), studio.device_stream
+
+    def held(request):  # runs wait here until the test has counted: none ends while the flood arrives
+        gate.wait(60)
+        yield from stream(request)
+
+    monkeypatch.setattr(studio, "device_stream", held)
     url, _ = serve(JOBS_PER_CLIENT_ENV=2, TRUSTED_PROXIES_ENV=1)
     data = rest_data(url, prompt=PROMPT, seconds=3, policy="window")
     flooder = {"X-Forwarded-For": "203.0.113.7"}
@@ -104,6 +112,7 @@ def test_one_client_address_cannot_fill_the_queue(serve):
     # every other visitor is still served: through raw HTTP and through gradio_client
     other = post(url, data, headers={"X-Forwarded-For": "198.51.100.2"})
     assert other.status_code == 200
+    gate.set()
     visitor = client(url, headers={"X-Forwarded-For": "198.51.100.3"})
     try:
         out = visitor.predict(prompt=PROMPT, seconds=1, policy="window", api_name="/generate")
@@ -168,7 +177,7 @@ def test_a_second_job_of_the_same_session_does_not_stop_the_first(serve):
     url, _ = serve(CONCURRENCY_ENV=2)
     api = client(url)
     try:
-        first = api.submit(prompt=PROMPT, seconds=4, seed=1, policy="window", api_name="/generate")
+        first = api.submit(prompt=PROMPT, seconds=10, seed=1, policy="window", api_name="/generate")
         deadline = time.monotonic() + 60
         while len(first.outputs()) < 2:  # the first run is generating
             assert time.monotonic() < deadline and not first.done()
@@ -178,7 +187,7 @@ def test_a_second_job_of_the_same_session_does_not_stop_the_first(serve):
     finally:
         api.close()
     assert all("Done" in out[0] and "Stopped" not in out[0] for out in results), [out[0] for out in results]
-    assert "block 4/4" in results[0][0] and "block 2/2" in results[1][0]
+    assert "block 10/10" in results[0][0] and "block 2/2" in results[1][0]
 
 
 def test_stop_reaches_a_run_still_waiting_in_the_queue(serve):
@@ -187,7 +196,7 @@ def test_stop_reaches_a_run_still_waiting_in_the_queue(serve):
     url, _ = serve(CONCURRENCY_ENV=1)
     ahead, waiting = client(url), client(url)
     try:
-        running = ahead.submit(prompt=PROMPT, seconds=30, policy="window", api_name="/generate")
+        running = ahead.submit(prompt=PROMPT, seconds=60, policy="window", api_name="/generate")
         deadline = time.monotonic() + 60
         while len(running.outputs()) < 2:
             assert time.monotonic() < deadline and not running.done()

@@ -4,15 +4,15 @@ stays usable (item 1)."""
 
 from __future__ import annotations
 
-import time
+from pathlib import Path
 
 import pytest
 
-from tests.test_browser import CHROMIUM, CHROMIUM_ARGS
 from tests.test_bad_inputs import small_pipeline
+from tests.test_browser import CHROMIUM, CHROMIUM_ARGS
 from tests.test_hardening_app import events, post, rest_data, serve  # noqa: F401 (serve: a fixture)
 
-pytestmark = pytest.mark.skipif(not __import__("pathlib").Path(CHROMIUM).exists(),
+pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(),
                                 reason=f"{CHROMIUM} is missing (install Debian's `chromium` package)")
 
 HOSTILE = "<img src=x onerror=window.pwned=1> a red circle over a navy background"
