@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -46,7 +47,7 @@ def _own_process_group(popen_kwargs):
     @functools.wraps(popen_kwargs)
     def kwargs(prevent_sigint=False):
         out = dict(popen_kwargs(prevent_sigint=prevent_sigint))
-        if prevent_sigint and os.name == "posix" and out.get("preexec_fn") is None:
+        if prevent_sigint and os.name == "posix" and out.get("preexec_fn") is None and sys.version_info >= (3, 11):
             out["process_group"] = 0
         return out
 
