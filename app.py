@@ -22,23 +22,21 @@ from pathlib import Path  # noqa: E402
 
 import gradio as gr  # noqa: E402
 
-from analysis.figures import compare_figure, summary_table
+from analysis.figures import compare_figure
+from packforcing.studio import admission, http_guard  # Gradio's queue and HTTP edge on a public Space
 from packforcing.studio.view import (  # the page's HTML and figures (no Gradio)
-    IDLE, POLICY_NOTES, latency_plot, load_examples, model_note, occupancy_plot, progress_html, rope_plot,
-    summary_frame, topk_plot, update_html,
+    CSS, IDLE, POLICY_NOTES, compare_frame, latency_plot, load_examples, model_note, occupancy_plot, progress_html,
+    rope_plot, summary_frame, toast_text, topk_plot, update_html,
 )
 from packforcing.studio.models import model_description
 
-CSS = """
-.pf-progress {padding: 6px 2px;}
-.pf-bar {height: 12px; border-radius: 6px; background: var(--neutral-200, #e5e7eb); overflow: hidden;}
-.pf-fill {height: 100%; background: linear-gradient(90deg, #6366f1, #22c55e); transition: width .3s;}
-.pf-fill.pf-stopped {background: #f59e0b;} .pf-fill.pf-error {background: #ef4444;}
-.pf-text {margin-top: 4px; font-size: 0.95em;}
-.pf-note {font-size: 0.9em; opacity: 0.8;}
-"""
 THEME = gr.themes.Soft(primary_hue="indigo", secondary_hue="emerald")
 LAUNCH_KWARGS = {"theme": THEME, "css": CSS}
+
+
+def launch_kwargs() -> dict:
+    """What ``demo.launch`` gets: the theme and the HTTP guard's settings (`http_guard.launch_kwargs`)."""
+    return {**LAUNCH_KWARGS, **http_guard.launch_kwargs()}
 
 
 # ---- handlers ----------------------------------------------------------------------------------
@@ -59,12 +57,15 @@ def _request_from(values) -> tuple[studio.RunRequest, dict]:
     try:
         req = studio.validate_request(args["prompt"], args["seconds"], args["seed"], args["policy"], options,
                                       args["compressor"], args["model"] or studio.DEFAULT_MODEL,
-                                      randomize_seed=bool(args["randomize_seed"]))
+                                      randomize_seed=args["randomize_seed"])
+        layers = studio.get_pipeline(req.model).transformer.config.num_layers
+        args.update(studio.validate_view(args["occ_layer"], args["occ_unit"], args["topk_layer"], args["rope_layer"],
+                                         layers))
     except studio.StudioError as err:
-        raise gr.Error(str(err), title="Invalid input") from None
+        raise gr.Error(toast_text(err), title="Invalid input") from None
     note = studio.prompt_warning(req.prompt, req.model)
     if note:
-        gr.Warning(note)
+        gr.Warning(toast_text(note))
     return req, args
 
 
@@ -96,7 +97,7 @@ def _generate(request: gr.Request, *values):
                    tables, gr.skip())
         tables = update.tables
         if update.kind == "error":
-            gr.Warning(f"Generation failed: {update.message}")
+            gr.Warning(toast_text(f"Generation failed: {update.message}"))
         elif update.stopped:
             gr.Info(f"Stopped after {update.blocks_done} of {update.total_blocks} blocks; the partial video is kept.")
         yield (update_html(update), gr.skip(), str(update.video) if update.video else None,
@@ -110,6 +111,7 @@ def _generate(request: gr.Request, *values):
     finally:
         worker.stop()
         studio.RUNS.unregister(key, worker)
+        http_guard.release_streams(request)
 
 
 def _compare(request: gr.Request, *values):
@@ -119,7 +121,7 @@ def _compare(request: gr.Request, *values):
     try:
         run = studio.CompareRun(req, chosen, options={req.policy: req.options})
     except studio.StudioError as err:
-        raise gr.Error(str(err), title="Invalid input") from None
+        raise gr.Error(toast_text(err), title="Invalid input") from None
     key = _session(request)
     studio.RUNS.register(key, run)
     names = studio.policy_names()
@@ -129,7 +131,7 @@ def _compare(request: gr.Request, *values):
     latest: dict[str, studio.Update] = {}
     total = len(run.policies)
     try:
-        for i, (policy, update) in enumerate_policies(run):
+        for i, (policy, update) in run.indexed_updates():
             latest[policy] = update
             frac = (i + update.fraction) / total
             text = f"{policy} ({i + 1}/{total}): {update.progress_text()}"
@@ -138,11 +140,11 @@ def _compare(request: gr.Request, *values):
                        compare_figure(run.blocks_by_policy(latest)), gr.skip(), gr.skip())
                 continue
             if update.kind == "error":
-                gr.Warning(f"{policy} failed: {update.message}")
+                gr.Warning(toast_text(f"{policy} failed: {update.message}"))
             slot = [gr.update(value=str(update.video), label=f"{policy}" + (" (stopped)" if update.stopped else ""))
                     if p == policy and update.video else gr.skip() for p in names]
             yield (progress_html(frac, text), *slot, compare_figure(run.blocks_by_policy(latest)),
-                   compare_summary(run), gr.skip())
+                   compare_frame(run.results), gr.skip())
         stopped = any(u.stopped for u in run.results.values()) or len(run.results) < total
         text = ("Stopped: " if stopped else "Done: ") + ", ".join(
             f"{p} {u.blocks_done}/{u.total_blocks} blocks" for p, u in run.results.items())
@@ -150,7 +152,7 @@ def _compare(request: gr.Request, *values):
         final_slots = [str(run.results[p].video) if p in run.results and run.results[p].video else None
                        for p in names]
         yield (progress_html(len(run.results) / total, text, "pf-stopped" if stopped else ""), *final_slots,
-               compare_figure(run.blocks_by_policy()), compare_summary(run), req.seed)
+               compare_figure(run.blocks_by_policy()), compare_frame(run.results), req.seed)
     finally:
         run.stop()
         studio.RUNS.unregister(key, run)
@@ -180,26 +182,23 @@ generate = _named(_generate, INPUTS, "generate")
 compare = _named(_compare, [*INPUTS, "policies"], "compare")
 
 
-def compare_summary(run: studio.CompareRun):
-    table = summary_table({p: {**u.tables, "meta": u.meta} for p, u in run.results.items()})
-    return table.drop(columns=["policy"], errors="ignore").round(4)
-
-
-def enumerate_policies(run: studio.CompareRun):
-    order = {p: i for i, p in enumerate(run.policies)}
-    for policy, update in run.updates():
-        yield order[policy], (policy, update)
-
-
-def stop(request: gr.Request):
-    """Stop this session's generation after the block in progress (the partial video is kept)."""
-    if studio.RUNS.stop(_session(request)):
+async def stop(request: gr.Request):
+    """Stop this session's generations: a running one after the block in progress (the partial
+    video is kept), one still waiting in the queue at once."""
+    key = _session(request)
+    running = studio.RUNS.stop(key)
+    queued = await admission.stop_queued(request.request.app.get_blocks(), key)
+    if running:
         gr.Info("Stopping after the current block…")
+    elif queued:
+        gr.Info("Stopped: the run had not started yet.")
 
 
-def on_unload(request: gr.Request):
-    """The browser tab closed: stop that session's run (its partial video stays in its run directory)."""
+async def on_unload(request: gr.Request):
+    """The browser tab closed: stop that session's runs (a partial video stays in its run directory)
+    and take its waiting ones out of the queue."""
     studio.RUNS.stop(_session(request))
+    await admission.stop_queued(request.request.app.get_blocks(), _session(request))
 
 
 def on_policy(policy):
@@ -363,15 +362,19 @@ def build_demo() -> gr.Blocks:
         buttons = [generate_btn, compare_btn]
         policy.change(on_policy, policy, [policy_note, compressor, advanced, *knobs], api_visibility="private",
                       queue=False)
-        generate_btn.click(_lock, None, buttons, queue=False, api_visibility="private").then(
-            generate, inputs, outputs, api_name="generate", concurrency_id="generation",
-            concurrency_limit=concurrency,
-        ).then(_unlock, None, buttons, queue=False, api_visibility="private")
-        compare_btn.click(_lock, None, buttons, queue=False, api_visibility="private").then(
+        generating = generate_btn.click(_lock, None, buttons, queue=False, api_visibility="private").then(
+            generate, inputs, outputs, api_name="generate", concurrency_id=admission.GENERATION,
+            concurrency_limit=concurrency, preprocess=False,  # raw values: validate_request names a bad field
+        )
+        comparing = compare_btn.click(_lock, None, buttons, queue=False, api_visibility="private").then(
             compare, [*inputs, compare_policies], [compare_progress, *compare_videos, compare_plot, compare_table,
                                                    seed],
-            api_name="compare", concurrency_id="generation", concurrency_limit=concurrency,
-        ).then(_unlock, None, buttons, queue=False, api_visibility="private")
+            api_name="compare", concurrency_id=admission.GENERATION, concurrency_limit=concurrency,
+            preprocess=False,
+        )
+        for run in (generating, comparing):  # the page's .then() follows success only: unlock on failure too
+            run.then(_unlock, None, buttons, queue=False, api_visibility="private")
+            run.failure(_unlock, None, buttons, queue=False, api_visibility="private")
         for button in (stop_btn, compare_stop):
             button.click(stop, None, None, api_name="stop", concurrency_limit=None,
                          api_visibility="public" if button is stop_btn else "private")
@@ -386,10 +389,11 @@ def build_demo() -> gr.Blocks:
                            concurrency_limit=None)
         demo.unload(on_unload)
     demo.queue(default_concurrency_limit=concurrency, max_size=safety.queue_size())
+    admission.ClientLimit(demo).install()  # at most PACKFORCING_JOBS_PER_CLIENT per client address
     return demo
 
 
 demo = build_demo()
 
 if __name__ == "__main__":
-    demo.launch(**LAUNCH_KWARGS)
+    demo.launch(**launch_kwargs())

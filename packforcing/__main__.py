@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import signal
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 from tqdm import tqdm
 
@@ -34,14 +38,25 @@ def build_parser() -> argparse.ArgumentParser:
                           "or a diffusers-format Wan2.1 directory or hub id (local cache only); default: embedded model")
     gen.add_argument("--checkpoint", default=None, help="Self-Forcing .pt replacing the transformer weights of --model")
     gen.add_argument("--compressor-weights", default=None, help="trained compressor .safetensors (python -m packforcing.training.distill)")
-    gen.add_argument("--height", type=int, default=480, help="with --model: video height in pixels")
-    gen.add_argument("--width", type=int, default=832, help="with --model: video width in pixels")
+    gen.add_argument("--height", type=pixels, default=480, help="with --model: video height in pixels")
+    gen.add_argument("--width", type=pixels, default=832, help="with --model: video width in pixels")
     gen.add_argument("--device", default="cuda" if _cuda() else "cpu")
     gen.add_argument("--max-seconds", type=float, default=None, help="raise the duration limit (default 120)")
     gen.add_argument("--compressor", default=None, choices=["lr", "hr", "both"])
     add_policy_flags(gen)
     gen.add_argument("--trace", default=None, help="write the trace (.parquet, .csv or .json)")
     return parser
+
+
+def pixels(text: str) -> int:
+    """An argparse type: a positive whole number of pixels (checked before any model is loaded)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number of pixels, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of pixels, got {value}")
+    return value
 
 
 def policy_fields() -> dict:
@@ -88,10 +103,22 @@ def _fail(message: str, code: int = 2) -> int:
     return code
 
 
+def _unwritable(flag: str, value: str) -> str | None:
+    """Why a file cannot be created at ``value`` (its directory is made and probed with a temporary
+    file, which is what writing it will do), or None."""
+    parent = Path(value).parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".packforcing-probe.", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        return f"{flag} {value!r} cannot be written: {err.strerror or err} ({parent})"
+    return None
+
+
 def check_paths(args) -> str | None:
     """What is wrong with the output paths (checked before any work is done), or None."""
-    from pathlib import Path
-
     out = Path(args.out)
     if out.is_dir():
         return f"--out {args.out!r} is a directory; give a file name such as video.mp4"
@@ -105,13 +132,75 @@ def check_paths(args) -> str | None:
             return f"--trace {args.trace!r} must end in one of {', '.join(TRACE_SUFFIXES)}"
     if args.max_seconds is not None and not (math.isfinite(args.max_seconds) and args.max_seconds > 0):
         return f"--max-seconds must be a positive number, got {args.max_seconds}"
-    return None
+    return _unwritable("--out", args.out) or (_unwritable("--trace", args.trace) if args.trace else None)
+
+
+class Interrupts:
+    """SIGINT while generating: the first Ctrl-C interrupts the block in progress (KeyboardInterrupt);
+    later ones only note that they came. From :meth:`saving` on, SIGINT is blocked in this thread,
+    so the finished blocks are written whole and the ffmpeg it starts inherits the block (no Ctrl-C
+    reaches it, not even between its fork and exec). Installed with ``with``; on exit the previous
+    handler comes back unless a Ctrl-C came (then the process is ending: SIGINT is ignored from then
+    on, so it ends with its message and status 130 rather than a traceback)."""
+
+    def __init__(self):
+        self.count = 0
+        self._raise = True
+        self._previous = None
+        self._blocked = False
+
+    def _handler(self, signum, frame):
+        self.count += 1
+        if self._raise:
+            self._raise = False
+            raise KeyboardInterrupt
+        print("\ninterrupt noted: still writing the finished blocks…", file=sys.stderr, flush=True)
+
+    def saving(self) -> None:
+        """From now on Ctrl-C no longer interrupts (the outputs are being written)."""
+        self._raise = False
+        if self._previous is not None and hasattr(signal, "pthread_sigmask"):
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+            self._blocked = True
+
+    def __enter__(self):
+        import threading
+
+        if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is None:
+            return
+        if self._blocked and not self.count:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # a pending one is noted here
+            self._blocked = False
+        if self.count:  # ignored, not blocked only: the interpreter's shutdown resets handlers, not SIG_IGN
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            return
+        signal.signal(signal.SIGINT, self._previous)
+
+
+def save_outputs(args, frames, recorder, fps: int) -> tuple[Path, Path | None]:
+    """The mp4 and, with ``--trace``, the trace, each written to a temporary file and renamed."""
+    import numpy as np
+
+    from .video import replaced_atomically, write_video
+
+    path = write_video(np.concatenate(frames), args.out, fps=fps)
+    trace = None
+    if args.trace:
+        with replaced_atomically(args.trace) as tmp:
+            recorder.save(tmp)
+        trace = Path(args.trace)
+    return path, trace
 
 
 def generate(args) -> int:
     from .embedded import default_pipeline
     from .pipeline import Pipeline
-    from .video import to_uint8, write_video
+    from .video import to_uint8
     from .trace import NullRecorder, TraceRecorder
 
     problem = check_paths(args)
@@ -153,34 +242,43 @@ def generate(args) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     frames, t0, failure = [], time.perf_counter(), None
-    with tqdm(total=total, unit="block", desc=f"{args.policy}") as bar:
+    with Interrupts() as interrupts:
+        with tqdm(total=total, unit="block", desc=f"{args.policy}") as bar:
+            try:
+                for block in blocks:
+                    frames.append(to_uint8(block.pixels))
+                    bar.set_postfix(kv_MB=f"{_kv_mb(recorder, block):.1f}")
+                    bar.update(1)
+            except (KeyboardInterrupt, Exception) as err:  # Ctrl-C, out of memory, a failing block
+                failure = err
+            finally:
+                interrupts.saving()
+                blocks.close()  # frees the cache
+        if failure is not None and not frames:
+            what = "interrupted" if isinstance(failure, KeyboardInterrupt) else f"{type(failure).__name__}: {failure}"
+            return _fail(f"generation failed at block 1 ({what}); nothing was written", 130 if interrupts.count else 1)
+        if failure is not None:
+            print(f"saving the {len(frames)} finished blocks…", file=sys.stderr, flush=True)
         try:
-            for block in blocks:
-                frames.append(to_uint8(block.pixels))
-                bar.set_postfix(kv_MB=f"{_kv_mb(recorder, block):.1f}")
-                bar.update(1)
-        except (KeyboardInterrupt, Exception) as err:  # Ctrl-C, out of memory, a failing block
-            failure = err
-        finally:
-            blocks.close()  # frees the cache
-    import numpy as np
-
+            path, trace = save_outputs(args, frames, recorder, pipe.fps)
+        except OSError as err:  # disk full, ffmpeg gone: the previous files are untouched
+            return _fail(f"writing the outputs failed ({type(err).__name__}: {err}); {args.out!r}"
+                         + (f" and {args.trace!r}" if args.trace else "") + " were left as they were", 1)
     if failure is not None:
         what = "interrupted" if isinstance(failure, KeyboardInterrupt) else f"{type(failure).__name__}: {failure}"
-        if not frames:
-            return _fail(f"generation failed at block 1 ({what}); nothing was written", 1)
-        path = write_video(np.concatenate(frames), args.out, fps=pipe.fps)
+        kept = f"{path}" + (f" and the trace to {trace}" if trace else "")
         return _fail(f"generation stopped at block {len(frames) + 1} of {total} ({what}); "
-                     f"the {len(frames)} finished blocks were written to {path}",
+                     f"the {len(frames)} finished blocks were written to {kept}",
                      130 if isinstance(failure, KeyboardInterrupt) else 1)
-    video = np.concatenate(frames)
-    path = write_video(video, args.out, fps=pipe.fps)
+    n = sum(len(f) for f in frames)
     seconds = time.perf_counter() - t0
-    print(f"wrote {path} ({len(video)} frames, {len(video) / pipe.fps:.2f} s of video) in {seconds:.1f} s")
-    if args.trace:
-        print(f"trace: {recorder.save(args.trace)}")
+    print(f"wrote {path} ({n} frames, {n / pipe.fps:.2f} s of video) in {seconds:.1f} s")
+    if trace:
+        print(f"trace: {trace}")
         summary = recorder.summary()
         print(f"peak KV tokens per layer: {summary.get('peak_kv_tokens')}, peak KV bytes: {summary.get('peak_kv_bytes')}")
+    if interrupts.count:
+        return _fail("interrupted while writing; the complete video was written first", 130)
     return 0
 
 

@@ -17,6 +17,15 @@ variable                        meaning                                    defau
 ``PACKFORCING_RUNS_DIR``        where per-run directories are created      the system temp dir
 ``PACKFORCING_RUN_TTL_S``       age after which finished runs' files are   21,600 (6 h; >= 60)
                                 deleted
+``PACKFORCING_JOBS_PER_CLIENT`` generations one client address may have   2 (1 .. 1,000)
+                                queued or running at once
+``PACKFORCING_TRUSTED_PROXIES`` proxies in front of the app whose          1 on a Space
+                                ``X-Forwarded-For`` entry is trusted       (``SPACE_ID`` set),
+                                (the client address is the entry that      else 0 (0 .. 8)
+                                many hops from the right)
+``PACKFORCING_MAX_UPLOAD_MB``   largest request file Gradio accepts (its   1 (0.001 .. 1,024)
+                                ``max_file_size``; the upload routes are
+                                closed: no component takes a file)
 ==============================  =========================================  =================
 
 `resolve_model` is the only way a user string becomes a model to load: it accepts the embedded
@@ -45,6 +54,9 @@ ALLOWED_MODELS_ENV = "PACKFORCING_ALLOWED_MODELS"
 MODELS_DIR_ENV = "PACKFORCING_MODELS_DIR"
 RUNS_DIR_ENV = "PACKFORCING_RUNS_DIR"
 RUN_TTL_ENV = "PACKFORCING_RUN_TTL_S"
+JOBS_PER_CLIENT_ENV = "PACKFORCING_JOBS_PER_CLIENT"
+TRUSTED_PROXIES_ENV = "PACKFORCING_TRUSTED_PROXIES"
+MAX_UPLOAD_MB_ENV = "PACKFORCING_MAX_UPLOAD_MB"
 
 DEFAULT_MAX_SECONDS = 120.0
 DEFAULT_MIN_SECONDS = 5.0
@@ -54,6 +66,9 @@ MAX_CONCURRENCY = 16
 DEFAULT_QUEUE_SIZE = 64
 DEFAULT_RUN_TTL_S = 6 * 3600.0
 MIN_RUN_TTL_S = 60.0
+DEFAULT_JOBS_PER_CLIENT = 2
+MAX_TRUSTED_PROXIES = 8
+DEFAULT_MAX_UPLOAD_MB = 1.0
 
 EMBEDDED = "embedded"
 DEFAULT_ALLOWED_MODELS = ("Wan-AI/Wan2.1-T2V-1.3B-Diffusers",)
@@ -107,6 +122,26 @@ def queue_size() -> int:
 def run_ttl_s() -> float:
     """Seconds a finished run's files are kept (``PACKFORCING_RUN_TTL_S``, default 6 h, at least 60 s)."""
     return env_number(RUN_TTL_ENV, DEFAULT_RUN_TTL_S, MIN_RUN_TTL_S)
+
+
+def jobs_per_client() -> int:
+    """Generations (Generate or Compare) one client address may have queued or running at once
+    (``PACKFORCING_JOBS_PER_CLIENT``, default 2)."""
+    return int(env_number(JOBS_PER_CLIENT_ENV, DEFAULT_JOBS_PER_CLIENT, 1, 1000, integer=True))
+
+
+def trusted_proxies() -> int:
+    """Proxies in front of the app (``PACKFORCING_TRUSTED_PROXIES``; default 1 on a Hugging Face
+    Space, where ``SPACE_ID`` is set, else 0): how many ``X-Forwarded-For`` entries, from the
+    right, were written by proxies this deployment trusts."""
+    default = 1 if os.environ.get("SPACE_ID") else 0
+    return int(env_number(TRUSTED_PROXIES_ENV, default, 0, MAX_TRUSTED_PROXIES, integer=True))
+
+
+def max_upload_bytes() -> int:
+    """Largest file a request may carry, in bytes (``PACKFORCING_MAX_UPLOAD_MB``, default 1 MiB):
+    Gradio's ``max_file_size``."""
+    return int(env_number(MAX_UPLOAD_MB_ENV, DEFAULT_MAX_UPLOAD_MB, 0.001, 1024) * 2**20)
 
 
 def runs_dir() -> Path | None:
@@ -204,3 +239,51 @@ def resolve_model(value) -> ModelRef:
 def model_choices() -> list[str]:
     """What a model dropdown lists: the embedded model and the allow-listed hub ids."""
     return [EMBEDDED, *allowed_models()]
+
+
+# ---- messages ---------------------------------------------------------------------------------------
+# an absolute POSIX path not inside a word, a URL or a label already substituted
+_ABSOLUTE_PATH = re.compile(r"(?<![\w<>.~/:-])/(?:[\w.@+=,-]+/)*[\w.@+=,-]*")
+
+
+def _server_roots() -> list[tuple[str, str]]:
+    """(absolute directory, label) for the server locations an error may mention, most specific first."""
+    import sys
+    import tempfile
+
+    roots: dict[str, str] = {}
+
+    def add(path, label: str) -> None:
+        if not path:
+            return
+        for form in {str(Path(path)), str(Path(path).resolve())}:
+            if form != "/":
+                roots.setdefault(form.rstrip("/"), label)
+
+    add(models_dir(), "<models>")
+    try:
+        from huggingface_hub import constants
+
+        add(constants.HF_HUB_CACHE, "<hf-cache>")
+        add(constants.HF_HOME, "<hf-home>")
+    except ImportError:  # pragma: no cover (a dependency)
+        pass
+    add(runs_dir(), "<runs>")
+    add(Path(__file__).resolve().parents[1], "<app>")
+    add(sys.prefix, "<python>")
+    add(sys.base_prefix, "<python>")
+    add(tempfile.gettempdir(), "<tmp>")
+    add(Path.home(), "<home>")
+    return sorted(roots.items(), key=lambda item: -len(item[0]))
+
+
+def public_text(text: str) -> str:
+    """``text`` with every server path masked, for a message a visitor reads: paths inside known
+    directories (models dir, Hugging Face cache, runs dir, the app, Python, temp, home) keep their
+    part below it (``<hf-cache>/models--x/...``); any other absolute path keeps its last part only
+    (``<path>/passwd``)."""
+    text = str(text)
+    for root, label in _server_roots():
+        text = re.sub(re.escape(root) + r"(?=/|\b|$)", label, text)
+    return _ABSOLUTE_PATH.sub(lambda m: "<path>/" + m.group(0).rstrip("/").rsplit("/", 1)[-1]
+                              if len(m.group(0)) > 1 else m.group(0), text)

@@ -49,7 +49,7 @@ def serve(port: int, commands, env: dict) -> None:
     import app
 
     app.demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True,
-                    **app.LAUNCH_KWARGS)
+                    **app.launch_kwargs())
     commands.send("READY")
     while (command := commands.recv()) != "quit":
         if command == "gc":

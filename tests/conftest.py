@@ -131,7 +131,7 @@ def launch_local(demo) -> str:
 
     port = free_port()
     demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True,
-                **app.LAUNCH_KWARGS)
+                **app.launch_kwargs())
     return f"http://127.0.0.1:{port}/"
 
 

@@ -67,6 +67,7 @@ def served(pipe, tmp_path, monkeypatch):
         if name.startswith("PACKFORCING_"):
             monkeypatch.delenv(name)
     monkeypatch.setenv(safety.CONCURRENCY_ENV, str(LIMIT))
+    monkeypatch.setenv(safety.TRUSTED_PROXIES_ENV, "1")  # each user's address from X-Forwarded-For (issue 16)
     monkeypatch.setenv(safety.MIN_SECONDS_ENV, "1")
     monkeypatch.setenv(safety.RUNS_DIR_ENV, str(tmp_path / "runs"))
     monkeypatch.setitem(studio._PIPELINES, studio.DEFAULT_MODEL, pipe)
@@ -94,7 +95,8 @@ def test_eight_concurrent_generations_all_complete_within_the_limit(served, pipe
 
     url, meter = served
     expected = alone(pipe, 2, "packforcing", 5)
-    clients = [Client(url, verbose=False) for _ in REQUESTS]  # 8 users (8 sessions)
+    clients = [Client(url, verbose=False, headers={"X-Forwarded-For": f"198.51.100.{i}"})  # 8 users, 8 addresses
+               for i, _ in enumerate(REQUESTS)]
     t0 = time.perf_counter()
     try:
         jobs = [client.submit(prompt=PROMPT, seconds=seconds, policy=policy, seed=seed, api_name="/generate",

@@ -21,7 +21,10 @@ a browser or a server:
 
 Modules by job: `models` (which models, cached pipelines), `requests` (validation, GPU duration),
 `runs` (slots, run directories, the session registry), `worker` (GPU entry point, the worker),
-`compare` (several policies in turn). This package re-exports their public names.
+`compare` (several policies in turn). This package re-exports their public names. For a public
+Space, `admission` caps each client address's generations in Gradio's queue and stops waiting
+ones, and `http_guard` (ASGI middleware) closes the upload routes and frees REST callers' preview
+segments; `view` holds the page's HTML, styles and figures.
 """
 
 from __future__ import annotations
@@ -40,7 +43,8 @@ from .models import (  # noqa: F401
 )
 from .requests import (  # noqa: F401
     GPU_MARGIN, GPU_MAX_DURATION_S, GPU_OVERHEAD_S, GPU_SECONDS_PER_BLOCK, MAX_PROMPT_CHARS, MAX_SEED, MIN_SECONDS,
-    RunRequest, _request_duration, blocks_gpu_duration, gpu_duration, prompt_warning, random_seed, validate_request,
+    VIEW_UNITS, RunRequest, _request_duration, blocks_gpu_duration, gpu_duration, prompt_warning, random_seed,
+    validate_request, validate_view,
 )
 from .runs import (  # noqa: F401
     _RUN_LOCK, MAX_SECONDS_ENV, RUN_DIR_PREFIX, RUN_MAX_AGE_S, RUNS, RUNS_DIR_ENV, RunRegistry, RunSlots,

@@ -9,7 +9,7 @@ from typing import Any
 
 import pandas as pd
 
-from ..knobs import StudioError
+from ..knobs import StudioError, policy_names, shown
 from .requests import RunRequest
 from .runs import _set_active, new_run_dir
 from .worker import DeviceBlock, GenerationWorker, Update
@@ -27,9 +27,12 @@ class CompareRun:
     def __init__(self, base: RunRequest, policies, options: Mapping[str, Mapping[str, Any]] | None = None,
                  run_dir: str | Path | None = None, segments: bool = False,
                  stream_fn: Callable[[RunRequest], Iterator[DeviceBlock]] | None = None):
-        chosen = list(dict.fromkeys(policies or []))
+        if not isinstance(policies, (list, tuple)) or not all(isinstance(p, str) for p in policies):
+            raise StudioError(f"policies must be a list of two or more cache policy names (from {policy_names()}), "
+                              f"got {shown(policies)}.")
+        chosen = list(dict.fromkeys(policies))
         if len(chosen) < 2:
-            raise StudioError("Select at least two cache policies to compare.")
+            raise StudioError("Select at least two cache policies to compare (policies).")
         options = options or {}
         self.requests = {p: base.with_policy(p, options.get(p)) for p in chosen}
         self.run_dir = Path(run_dir) if run_dir is not None else new_run_dir()
@@ -72,6 +75,12 @@ class CompareRun:
             finally:
                 worker.stop()
                 self._current = None
+
+    def indexed_updates(self, timeout: float | None = None) -> Iterator[tuple[int, tuple[str, Update]]]:
+        """:meth:`updates` with each policy's position in :attr:`policies`."""
+        order = {p: i for i, p in enumerate(self.policies)}
+        for policy, update in self.updates(timeout):
+            yield order[policy], (policy, update)
 
     def blocks_by_policy(self, latest: Mapping[str, Update] | None = None) -> dict[str, pd.DataFrame]:
         runs = dict(self.results)

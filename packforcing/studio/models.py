@@ -134,9 +134,8 @@ def _load_pretrained(source: str) -> Pipeline:
 
 
 def _public(text: str) -> str:
-    """A message without the server's models directory path (shown as ``<models>``)."""
-    root = safety.models_dir()
-    return text.replace(str(root), "<models>") if root is not None else text
+    """A message without server paths (`packforcing.safety.public_text`: ``<models>/...``, ``<hf-cache>/...``)."""
+    return safety.public_text(text)
 
 
 def model_key(model) -> str:

@@ -112,6 +112,8 @@ def validate_request(
             f"The duration must be between {shortest:g} and {limit:g} seconds, got {seconds:g}."
             + ("" if seconds <= limit or not math.isfinite(seconds)
                else f" Longer videos can be enabled with the {MAX_SECONDS_ENV} setting."))
+    if randomize_seed is not None and not isinstance(randomize_seed, (bool, np.bool_)):
+        raise StudioError(f"randomize_seed must be true or false, got {shown(randomize_seed)}.")
     if randomize_seed:
         seed = random_seed()
     raw_seed = seed
@@ -162,3 +164,30 @@ def blocks_gpu_duration(blocks: int, per_block: float = GPU_SECONDS_PER_BLOCK, o
 
 def _request_duration(request: RunRequest, *args, **kwargs) -> int:
     return blocks_gpu_duration(request.num_blocks)  # the model's own blocks (its fps, VAE ratio, block size)
+
+
+VIEW_UNITS = ("tokens", "MB")
+
+
+def validate_view(occ_layer, occ_unit, topk_layer, rope_layer, num_layers: int) -> dict[str, str]:
+    """The analysis controls that travel with a request, checked (None: the control's default).
+
+    A layer is ``"mean"`` (not for the RoPE map) or a layer index in ``[0, num_layers)``; the unit
+    is ``"tokens"`` or ``"MB"``. Raises :class:`StudioError` naming the field."""
+    def layer(name, value, default, mean=True):
+        if value is None:
+            return default
+        if mean and value == "mean":
+            return "mean"
+        if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+            value = str(int(value))
+        if not (isinstance(value, str) and value.isdigit() and int(value) < num_layers):
+            choices = (["mean"] if mean else []) + [f"0…{num_layers - 1}"]
+            raise StudioError(f"{name} must be one of {', '.join(choices)}, got {shown(value)}.")
+        return str(int(value))
+
+    if occ_unit is not None and occ_unit not in VIEW_UNITS:
+        raise StudioError(f"occ_unit must be one of {list(VIEW_UNITS)}, got {shown(occ_unit)}.")
+    return {"occ_layer": layer("occ_layer", occ_layer, "mean"), "occ_unit": occ_unit or "tokens",
+            "topk_layer": layer("topk_layer", topk_layer, "mean"),
+            "rope_layer": layer("rope_layer", rope_layer, "0", mean=False)}

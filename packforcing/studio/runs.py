@@ -120,35 +120,40 @@ def cleanup_runs(root: Path | None = None, max_age_s: float | None = None) -> in
 
 # ---- session registry (Stop) -------------------------------------------------------------------
 class RunRegistry:
-    """Session key -> its running worker (or comparison), so a Stop request can reach it."""
+    """Session key -> its running workers (or comparisons), so a Stop request can reach them.
+
+    A session may have several runs at once (an API client submitting jobs while the concurrency
+    limit is above 1): registering one never stops another; Stop stops them all."""
 
     def __init__(self):
-        self._runs: dict[str, Any] = {}
+        self._runs: dict[str, list[Any]] = {}
         self._lock = threading.Lock()
 
     def register(self, key: str, run) -> None:
         with self._lock:
-            previous = self._runs.get(key)
-            self._runs[key] = run
-        if previous is not None and previous is not run:
-            previous.stop()
+            runs = self._runs.setdefault(key, [])
+            if not any(r is run for r in runs):
+                runs.append(run)
 
     def unregister(self, key: str, run) -> None:
         with self._lock:
-            if self._runs.get(key) is run:
-                del self._runs[key]
+            runs = [r for r in self._runs.get(key, []) if r is not run]
+            if runs:
+                self._runs[key] = runs
+            else:
+                self._runs.pop(key, None)
 
     def stop(self, key: str) -> bool:
-        """Stop the session's run; False when nothing was running."""
+        """Stop the session's runs; False when nothing was running."""
         with self._lock:
-            run = self._runs.get(key)
-        if run is None:
-            return False
-        run.stop()
-        return True
+            runs = list(self._runs.get(key, []))
+        for run in runs:
+            run.stop()
+        return bool(runs)
 
     def __contains__(self, key: str) -> bool:
-        return key in self._runs
+        with self._lock:
+            return key in self._runs
 
 
 RUNS = RunRegistry()

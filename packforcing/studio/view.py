@@ -14,6 +14,7 @@ from analysis.figures import (
     topk_heatmap_figure,
 )
 
+from ..safety import public_text
 from .worker import Update
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository
@@ -29,6 +30,17 @@ POLICY_NOTES = {
                  "RoPE re-aligned, training-free.",
     "full": "**Full**: every block is kept; memory grows linearly with the video.",
 }
+
+# the page's styles: the progress bar (its HTML is `progress_html`) and notes
+CSS = """
+.pf-progress {padding: 6px 2px;}
+.pf-bar {height: 12px; border-radius: 6px; background: var(--neutral-200, #e5e7eb); overflow: hidden;}
+.pf-fill {height: 100%; background: linear-gradient(90deg, #6366f1, #22c55e); transition: width .3s;}
+.pf-fill.pf-stopped {background: #f59e0b;} .pf-fill.pf-error {background: #ef4444;}
+.pf-text {margin-top: 4px; font-size: 0.95em;}
+.pf-note {font-size: 0.9em; opacity: 0.8;}
+"""
+
 
 def load_examples() -> list[str]:
     if not EXAMPLES_FILE.exists():
@@ -111,6 +123,18 @@ def rope_plot(tables, block=None, layer="0"):
 def latency_plot(tables):
     tables = tables or {}
     return _fit(latency_memory_figure(tables.get("blocks"), tables.get("timing")))
+
+
+def compare_frame(results: dict[str, Update]):
+    """One summary row per compared policy (the policy is the row's first column)."""
+    table = summary_table({p: {**u.tables, "meta": u.meta} for p, u in results.items()})
+    return table.drop(columns=["policy"], errors="ignore").round(4)
+
+
+def toast_text(message) -> str:
+    """A message for a toast or an API error (Gradio renders them as HTML): server paths masked
+    (`packforcing.safety.public_text`), markup shown as text."""
+    return html.escape(public_text(str(message)), quote=False)
 
 
 def summary_frame(update: Update):

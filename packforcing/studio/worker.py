@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..safety import public_text
 from ..video import to_uint8, write_video
 from ..trace import TABLES, TraceRecorder, empty_tables, save_tables, summarize
 from .models import get_pipeline
@@ -151,15 +152,15 @@ class Update:
 
 
 def failure_message(err: BaseException, blocks_done: int, total: int) -> str:
-    """What the user reads when a run fails at block ``blocks_done + 1``."""
+    """What the user reads when a run fails at block ``blocks_done + 1`` (server paths masked)."""
     kept = (f"the {blocks_done} finished block{'s' if blocks_done != 1 else ''} "
             "(partial video and trace) are kept" if blocks_done else "no block had finished")
     where = f"at block {blocks_done + 1} of {total}"
     if isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower():
-        first = (str(err).strip().splitlines() or [""])[0][:200]
+        first = (public_text(str(err)).strip().splitlines() or [""])[0][:200]
         return (f"Out of memory {where} ({first}); {kept}. The cache was freed. Try a shorter video, fewer "
                 "sink/recent/window frames or a smaller top-k.")
-    text = str(err).strip() or repr(err)
+    text = public_text(str(err)).strip() or repr(err)
     return f"Generation failed {where}: {type(err).__name__}: {text}; {kept}. The cache was freed."
 
 
@@ -268,7 +269,7 @@ class GenerationWorker:
         except BaseException as err:  # never leave a reader waiting for a final update
             log.exception("generation worker crashed")
             final = Update("error", request=self.request, total_blocks=self.request.num_blocks,
-                           message=f"internal error: {type(err).__name__}: {err}")
+                           message=public_text(f"internal error: {type(err).__name__}: {err}"))
             if not isinstance(err, Exception):
                 raise
         finally:
@@ -323,7 +324,7 @@ class GenerationWorker:
         try:
             return self._finish("error", frames, tables, meta, elapsed, base, message=message)
         except Exception as err2:  # writing the partial results failed too
-            return Update("error", message=f"{message} Saving the partial video failed: {err2}", **base)
+            return Update("error", message=public_text(f"{message} Saving the partial video failed: {err2}"), **base)
 
     def _finish(self, kind, frames, tables, meta, elapsed, base, stopped=False, message=None) -> Update:
         snapshot = tables.tables()
