@@ -10,7 +10,7 @@ variable                        meaning                                    defau
 ``PACKFORCING_MIN_SECONDS``     shortest video a request may ask for       5 (1 .. max)
 ``PACKFORCING_CONCURRENCY``     generations running at once (per process)  1 (1 .. 16)
 ``PACKFORCING_QUEUE_SIZE``      requests waiting in the Gradio queue       64 (1 .. 10,000)
-``PACKFORCING_ALLOWED_MODELS``  comma-separated hub ids the model field    ``Wan-AI/Wan2.1-T2V-1.3B-Diffusers``
+``PACKFORCING_ALLOWED_MODELS``  comma-separated hub ids the model field    none
                                 accepts (``embedded`` is always allowed)
 ``PACKFORCING_MODELS_DIR``      directory whose sub-directories the model  unset: no local paths
                                 field may name (relative paths only)
@@ -71,7 +71,9 @@ MAX_TRUSTED_PROXIES = 8
 DEFAULT_MAX_UPLOAD_MB = 1.0
 
 EMBEDDED = "embedded"
-DEFAULT_ALLOWED_MODELS = ("Wan-AI/Wan2.1-T2V-1.3B-Diffusers",)
+# none by default: the one hub model that makes sense for a few-step causal rollout is the named
+# Self-Forcing model (offered when cached); the base Wan2.1 weights are a 50-step bidirectional model
+DEFAULT_ALLOWED_MODELS: tuple[str, ...] = ()
 MAX_MODEL_CHARS = 256
 # owner/name as the Hub spells them (letters, digits, '-', '_', '.'; no '..', no leading '.')
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")

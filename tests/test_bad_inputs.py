@@ -428,8 +428,8 @@ def test_model_resolution_rules(models_dir, monkeypatch):
     with pytest.raises(safety.UnsafeInput, match="local model paths are disabled"):
         safety.resolve_model("wan/nested")
     monkeypatch.delenv(safety.ALLOWED_MODELS_ENV)
-    assert safety.allowed_models() == ("Wan-AI/Wan2.1-T2V-1.3B-Diffusers",)
-    assert [k for _, k in studio.model_choices()] == ["embedded", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"]
+    assert safety.allowed_models() == ()  # the base 50-step model is not offered unless an operator lists it
+    assert "Wan-AI/Wan2.1-T2V-1.3B-Diffusers" not in [k for _, k in studio.model_choices()]
 
 
 # ---- public-Space safety: limits from the environment --------------------------------------------
