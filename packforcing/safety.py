@@ -23,6 +23,9 @@ variable                        meaning                                    defau
                                 ``X-Forwarded-For`` entry is trusted       (``SPACE_ID`` set),
                                 (the client address is the entry that      else 0 (0 .. 8)
                                 many hops from the right)
+``PACKFORCING_DISK_CAP_MB``     disk the run directories and Gradio's      2,048 (10 .. 10^7)
+                                cache may hold: oldest finished runs go
+                                first
 ``PACKFORCING_MAX_UPLOAD_MB``   largest request file Gradio accepts (its   1 (0.001 .. 1,024)
                                 ``max_file_size``; the upload routes are
                                 closed: no component takes a file)
@@ -57,6 +60,7 @@ RUN_TTL_ENV = "PACKFORCING_RUN_TTL_S"
 JOBS_PER_CLIENT_ENV = "PACKFORCING_JOBS_PER_CLIENT"
 TRUSTED_PROXIES_ENV = "PACKFORCING_TRUSTED_PROXIES"
 MAX_UPLOAD_MB_ENV = "PACKFORCING_MAX_UPLOAD_MB"
+DISK_CAP_MB_ENV = "PACKFORCING_DISK_CAP_MB"
 
 DEFAULT_MAX_SECONDS = 120.0
 DEFAULT_MIN_SECONDS = 5.0
@@ -66,6 +70,7 @@ MAX_CONCURRENCY = 16
 DEFAULT_QUEUE_SIZE = 64
 DEFAULT_RUN_TTL_S = 6 * 3600.0
 MIN_RUN_TTL_S = 60.0
+DEFAULT_DISK_CAP_MB = 2048.0
 DEFAULT_JOBS_PER_CLIENT = 2
 MAX_TRUSTED_PROXIES = 8
 DEFAULT_MAX_UPLOAD_MB = 1.0
@@ -124,6 +129,12 @@ def queue_size() -> int:
 def run_ttl_s() -> float:
     """Seconds a finished run's files are kept (``PACKFORCING_RUN_TTL_S``, default 6 h, at least 60 s)."""
     return env_number(RUN_TTL_ENV, DEFAULT_RUN_TTL_S, MIN_RUN_TTL_S)
+
+
+def disk_cap_bytes() -> int:
+    """Bytes the run directories and Gradio's cache may hold (``PACKFORCING_DISK_CAP_MB``, default
+    2,048 MiB); beyond it the oldest finished runs are removed first (`studio.runs.cleanup_runs`)."""
+    return int(env_number(DISK_CAP_MB_ENV, DEFAULT_DISK_CAP_MB, 10.0, 1e7) * 2**20)
 
 
 def jobs_per_client() -> int:

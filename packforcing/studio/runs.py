@@ -4,6 +4,8 @@ session registry that lets a Stop click reach its session's run (`RUNS`)."""
 from __future__ import annotations
 
 import logging
+import os
+import re
 import shutil
 import tempfile
 import threading
@@ -115,6 +117,73 @@ def cleanup_runs(root: Path | None = None, max_age_s: float | None = None) -> in
             removed += 1
         except OSError:
             log.warning("could not remove expired run directory %s", path, exc_info=True)
+    return removed + enforce_disk_cap(root)
+
+
+# ---- disk cap ----------------------------------------------------------------------------------
+GRADIO_ENTRY = re.compile(r"[0-9a-f]{64}")  # Gradio's cache sub-directories (a keyed sha256)
+MIN_CACHE_ENTRY_AGE_S = 60.0  # a Gradio copy younger than this may still be on its way to a browser
+
+
+def gradio_cache_dir() -> Path:
+    """Where Gradio copies the files it serves (its own rule: ``GRADIO_TEMP_DIR``, else <tmp>/gradio)."""
+    return Path(os.environ.get("GRADIO_TEMP_DIR") or Path(tempfile.gettempdir()) / "gradio")
+
+
+def _bytes_under(path: Path) -> int:
+    total = 0
+    for dirpath, _, files in os.walk(path):  # does not follow symlinked directories
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def enforce_disk_cap(root: Path | None = None, cap_bytes: int | None = None, cache_dir: Path | None = None) -> int:
+    """Keep the run directories under ``root`` plus Gradio's cache within ``cap_bytes`` (default
+    ``PACKFORCING_DISK_CAP_MB``): remove finished run directories and Gradio cache entries (those
+    older than `MIN_CACHE_ENTRY_AGE_S`), oldest first, until under the cap. Never a run in use,
+    a symlink, or anything not named like a run directory or a Gradio cache entry. Returns how many
+    directories were removed."""
+    root = Path(root or runs_root())
+    cap = safety.disk_cap_bytes() if cap_bytes is None else int(cap_bytes)
+    cache = Path(cache_dir) if cache_dir is not None else gradio_cache_dir()
+    active = active_run_dirs()
+    now = time.time()
+    runs, entries = [], []
+    for path in root.glob(RUN_DIR_PREFIX + "*"):
+        if path.is_dir() and not path.is_symlink():
+            resolved = path.resolve()
+            if not any(a == resolved or a.is_relative_to(resolved) for a in active):
+                runs.append(path)
+    if cache.is_dir():
+        entries = [p for p in cache.iterdir() if GRADIO_ENTRY.fullmatch(p.name) and p.is_dir() and not p.is_symlink()]
+    candidates = []  # (is a Gradio copy, mtime, path, bytes), removed oldest first
+    for is_copy, paths in ((False, runs), (True, entries)):
+        for path in paths:
+            try:
+                candidates.append((is_copy, path.stat().st_mtime, path, _bytes_under(path)))
+            except OSError:
+                continue
+    total = sum(c[3] for c in candidates) + sum(_bytes_under(a) for a in active if a.is_dir())
+    removed = 0
+    for is_copy, mtime, path, size in sorted(candidates, key=lambda c: c[1]):
+        if total <= cap:
+            break
+        if is_copy and now - mtime < MIN_CACHE_ENTRY_AGE_S:
+            continue
+        try:
+            shutil.rmtree(path)
+        except OSError:
+            log.warning("could not remove %s to respect the disk cap", path, exc_info=True)
+            continue
+        total -= size
+        removed += 1
+    if total > cap:
+        log.warning("run files use %.0f MiB, over the %.0f MiB cap (only runs in use or fresh copies left)",
+                    total / 2**20, cap / 2**20)
     return removed
 
 

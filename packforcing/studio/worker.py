@@ -7,6 +7,7 @@ from __future__ import annotations
 import spaces  # noqa: I001
 
 import contextlib
+import errno
 import contextvars
 import dataclasses
 import gc
@@ -27,7 +28,7 @@ from ..video import to_uint8, write_video
 from ..trace import TABLES, TraceRecorder, empty_tables, save_tables, summarize
 from .models import get_pipeline
 from .requests import RunRequest, _request_duration
-from .runs import _RUN_LOCK, RunSlots, _set_active, new_run_dir
+from .runs import _RUN_LOCK, RunSlots, _set_active, cleanup_runs, new_run_dir
 
 log = logging.getLogger("packforcing.studio")
 
@@ -156,6 +157,11 @@ def failure_message(err: BaseException, blocks_done: int, total: int) -> str:
     kept = (f"the {blocks_done} finished block{'s' if blocks_done != 1 else ''} "
             "(partial video and trace) are kept" if blocks_done else "no block had finished")
     where = f"at block {blocks_done + 1} of {total}"
+    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+        freed = cleanup_runs()  # make room for the next run (oldest finished runs first)
+        return (f"The server's disk is full {where}; {kept} if there was room to write them. This run was "
+                f"stopped; {freed} old run director{'ies' if freed != 1 else 'y'} were removed to make room: "
+                "try again in a moment.")
     if isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower():
         first = (public_text(str(err)).strip().splitlines() or [""])[0][:200]
         return (f"Out of memory {where} ({first}); {kept}. The cache was freed. Try a shorter video, fewer "
