@@ -267,7 +267,7 @@ def build_demo() -> gr.Blocks:
         gr.Markdown(f"Model: **{html.escape(pipe.name)}**, {pipe.width}×{pipe.height} at {pipe.fps} fps. "
                     + (model_note(pipe.name) or html.escape(model_description(studio.DEFAULT_MODEL))),
                     elem_classes="pf-note")
-        tables_state = gr.State(None)
+        tables_state = gr.State(None, time_to_live=ttl)  # REST sessions never close: their tables expire too
         with gr.Row():
             with gr.Column(scale=4, min_width=330):
                 prompt = gr.Textbox(label="Prompt", lines=2, value=examples[0] if examples else "",

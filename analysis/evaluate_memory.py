@@ -78,6 +78,21 @@ def markdown(table: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
+def compare_strip(out: Path, length: float, scene: int, labels: list[str]) -> Path:
+    """One image: the frame strips of ``scene`` at ``length`` for ``labels`` (top to bottom), as
+    ``OUT/<length>s_scene<i>_compare.png``."""
+    import imageio.v2 as imageio
+
+    rows = [imageio.imread(out / "strips" / f"{int(length)}s_scene{scene}_{_slug(label)}.png") for label in labels]
+    path = out / f"{int(length)}s_scene{scene}_compare.png"
+    imageio.imwrite(path, np.concatenate(rows, axis=0))
+    return path
+
+
+def _slug(label: str) -> str:
+    return "".join(ch if ch.isalnum() else "-" for ch in label.strip()).strip("-")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m analysis.evaluate_memory", description=__doc__.split("\n\n")[0])
     p.add_argument("--lengths", type=float, nargs="+", default=[30, 120])
@@ -124,8 +139,7 @@ def main(argv=None) -> int:
                 else:
                     video, stats = run_one(pipe, spec, caption, seed, length)
                 score = memory_score(video, scene.background, FPS)
-                slug = "".join(ch if ch.isalnum() else "-" for ch in label.strip()).strip("-")
-                save_strip(video, out / "strips" / f"{int(length)}s_scene{i}_{slug}.png", count=12)
+                save_strip(video, out / "strips" / f"{int(length)}s_scene{i}_{_slug(label)}.png", count=12)
                 row = {"length_s": length, "policy": label, "seed": seed, "caption": caption,
                        "scene_colour": scene.objects[0].colour, "scene_shape": scene.objects[0].shape,
                        **score, "peak_kv_MB": stats["peak_kv_MB"]}
@@ -133,6 +147,8 @@ def main(argv=None) -> int:
                 print(f"{length:5.0f} s  {label:40s} returns {row['returns']:2d}  colour kept {row['colour_kept']:.2f}  "
                       f"identity kept {row['identity_kept']:.2f}  first {row['first_colour']} {row['first_shape']}",
                       flush=True)
+    for length in args.lengths:
+        compare_strip(out, length, 0, ["ground truth", *[spec.label for spec in specs[:6]]])
     table = summarize(pd.read_csv(runs_path))
     (out / "table.md").write_text(f"Command: `python -m analysis.evaluate_memory --lengths "
                                   f"{' '.join(f'{x:g}' for x in args.lengths)} --scenes {args.scenes}`\n\n"

@@ -26,3 +26,29 @@ def synchronize(device) -> None:
     """Wait for queued CUDA work on ``device`` (timers around GPU work need it); nothing elsewhere."""
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def release_host_memory() -> bool:
+    """Give the heap pages freed since the last call back to the OS (glibc ``malloc_trim(0)``).
+
+    The served app's resident memory otherwise creeps up run after run although Python frees every
+    object (measured: `scripts/soak_served.py`, +7 % over 90 runs, all of it returned by a trim,
+    none by ``gc.collect()``): glibc keeps freed memory in its arenas. A few milliseconds; False
+    where the C library has no ``malloc_trim`` (not glibc)."""
+    import ctypes
+    import ctypes.util
+
+    global _LIBC
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        except OSError:
+            _LIBC = False
+    trim = getattr(_LIBC, "malloc_trim", None) if _LIBC else None
+    if trim is None:
+        return False
+    trim(0)
+    return True
+
+
+_LIBC = None

@@ -15,7 +15,8 @@ the runs and Gradio directories. At the end it asks the server to run ``gc.colle
 objects) and memory the allocator holds (retention) are told apart.
 
 Pass/fail (exit code 1 on fail): RSS at the last request within --tolerance (default 5 %) of RSS at
-request 10, threads and open files at the last request no more than at request 10.
+request 10; threads and open files at the last request no more than their highest over the first
+10 requests (sockets come and go; a leak grows past the warm-up's peak).
 Not part of the default test run (it takes minutes).
 """
 
@@ -172,16 +173,18 @@ def main(argv=None) -> int:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    first = rows[min(9, len(rows) - 1)]
+    first, warm = rows[min(9, len(rows) - 1)], rows[: min(10, len(rows))]
     last = rows[-1]
     drift = last["rss_mib"] / first["rss_mib"] - 1
     print(f"\nRSS request {first['request']}: {first['rss_mib']:.1f} MiB, request {last['request']}: "
           f"{last['rss_mib']:.1f} MiB ({drift:+.2%}); after gc.collect(): {after_gc:.1f} MiB; "
           f"after malloc_trim(0): {after_trim:.1f} MiB")
-    print(f"threads {first['threads']} -> {last['threads']}, open files {first['fds']} -> {last['fds']}, "
+    print(f"threads {first['threads']} -> {last['threads']}, open files {first['fds']} -> {last['fds']} "
+          f"(highest in the first 10 requests: {max(r['fds'] for r in warm)}), "
           f"disk (runs + gradio) {first['runs_mib'] + first['gradio_mib']:.1f} -> "
           f"{last['runs_mib'] + last['gradio_mib']:.1f} MiB (max {max(r['runs_mib'] + r['gradio_mib'] for r in rows):.1f})")
-    ok = abs(drift) <= args.tolerance and last["threads"] <= first["threads"] and last["fds"] <= first["fds"]
+    ok = (abs(drift) <= args.tolerance and last["threads"] <= max(r["threads"] for r in warm)
+          and last["fds"] <= max(r["fds"] for r in warm))
     print("PASS" if ok else "FAIL", f"(tolerance {args.tolerance:.0%})")
     return 0 if ok else 1
 

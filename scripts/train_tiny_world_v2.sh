@@ -17,3 +17,16 @@ $T vae_decoder &                              # decoder only, 25-frame clips, 1,
 $T transformer --transformer-steps 2800 --self-context-from 1600   # ~1 h 10 min wall on a shared core
 wait
 $T export --export "${EXPORT:-assets/tiny-world}" --guidance-scale "${GUIDANCE:-2}"
+# --- memory phase and compressor (the shipped model since the memory test) -------------------------
+# fine-tune the exported model on a pool with memory clips mixed in (half of the fresh clips: an object
+# leaves the frame and comes back within the 5 s clip, caption without its colour), 1,200 steps, ~25 min
+$T memory --memory-init "${EXPORT:-assets/tiny-world}" --memory-steps 1200
+$T export_memory --memory-init "${EXPORT:-assets/tiny-world}" --export "${EXPORT_MEMORY:-$OUT/export-memory}"
+# the HR branch of the compressor, by self-distillation from the fine-tuned model's own 5 s rollouts
+# of 32 colour-free memory captions (memory scenes 0..31; the memory test uses scenes 2,000,000+), ~5 min
+$PY -c "from packforcing.world.memory import memory_caption, memory_scene; print('\n'.join(memory_caption(memory_scene(s)) for s in range(32)))" > "$OUT/memory_prompts.txt"
+$PY -m packforcing.training.distill --model "${EXPORT_MEMORY:-$OUT/export-memory}" --prompts "$OUT/memory_prompts.txt" \
+  --heldout-prompt "a square bouncing over a black background" --heldout-prompt "a circle bouncing over a navy background" \
+  --heldout-prompt "a triangle bouncing over a white background" --steps 1500 --device "$DEVICE" --out "$OUT/compressor_hr.safetensors"
+cp "$OUT/compressor_hr.safetensors" "${EXPORT_MEMORY:-$OUT/export-memory}/compressor.safetensors"
+# shipped: the directory ${EXPORT_MEMORY:-$OUT/export-memory} copied to assets/tiny-world

@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..devices import release_host_memory
 from ..safety import public_text
 from ..video import to_uint8, write_video
 from ..trace import TABLES, TraceRecorder, empty_tables, save_tables, summarize
@@ -285,6 +286,7 @@ class GenerationWorker:
             self.final = final
             self._queue.put(final)
             _set_active(self.run_dir, False)
+            release_host_memory()  # the run's freed memory back to the OS (see devices.release_host_memory)
 
     def _generate(self) -> Update:
         req = self.request
