@@ -131,3 +131,19 @@ def test_memory_budgets_store_the_same_tokens_and_packforcing_reaches_back_past_
     assert set(stored.values()) == {256}, stored  # 16 latent frames' worth (current block included), every policy
     pf = next(s for s in memory_specs() if s.label.startswith("packforcing"))
     assert pf.options["archive_blocks"] >= 2 * GAP_RANGE_S[1]  # blocks of 1 s: history beyond the longest absence
+
+
+def test_colour_free_captions_parse_and_the_studio_does_not_warn_about_them():
+    from packforcing import studio
+    from packforcing.world.memory import parse_memory_caption
+
+    for seed in range(6):
+        scene = memory_scene(seed)
+        shapes, background = parse_memory_caption(memory_caption(scene))
+        assert shapes == [scene.objects[0].shape] and background == scene.background
+        assert studio.prompt_warning(memory_caption(scene)) is None
+    for bad in ("a red square bouncing over a black background", "a square square square", "a cube"):
+        with pytest.raises(ValueError):
+            parse_memory_caption(bad)
+    assert "maroon" in studio.prompt_warning("a square bouncing over a maroon background")  # not in world v2
+    assert studio.prompt_warning("a square bouncing over a glittery background") is not None

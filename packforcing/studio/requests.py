@@ -65,13 +65,23 @@ def prompt_warning(prompt: str, model: str = DEFAULT_MODEL) -> str | None:
     from ..world.captions import parse_caption
     from ..world.spec import check_prompt_in_world
 
+    from ..world.memory import parse_memory_caption
+
+    world = tiny_world_name()
     try:
         objects, background = parse_caption(prompt)
-        world = tiny_world_name()
         if world is not None:
             check_prompt_in_world(objects, background, world)
     except ValueError as err:
-        return f"The embedded tiny-world model only knows simple scenes; {err}"
+        try:  # a colour-free caption: the memory test (the model picks the colour)
+            shapes, background = parse_memory_caption(prompt)
+        except ValueError:
+            return f"The embedded tiny-world model only knows simple scenes; {err}"
+        try:
+            if world is not None:
+                check_prompt_in_world([("white", s) for s in shapes], background, world)
+        except ValueError as world_err:
+            return f"The embedded tiny-world model only knows simple scenes; {world_err}"
     return None
 
 

@@ -63,11 +63,13 @@ def model_note(name: str) -> str:
         return ("Its weights are random, so videos look like noise; the cache behaviour, timings and "
                 "analysis are real.")
     if "tiny-world" in name and "world v2" in name:
-        return ("A 5-million-parameter model trained here on a CPU in about an hour, on 5-second 64×64 clips of one "
-                "or two large shapes (red, yellow, green, blue, white) over black, dark grey, navy or white: it "
-                "draws the prompted background and objects in the prompted colours, as soft blobs rather than "
-                "clean circles, squares or triangles (see docs/tiny_world_v2.md). The cache behaviour, timings "
-                "and analysis are real.")
+        return ("A 5-million-parameter model trained here on a CPU in under two hours, on 5-second 64×64 clips of "
+                "one or two large shapes (red, yellow, green, blue, white) over black, dark grey, navy or white, "
+                "and of shapes that leave the frame and come back: it draws the prompted background and objects in "
+                "the prompted colours, as soft blobs rather than clean circles, squares or triangles. Leave the "
+                "colour out (\"a square bouncing over a black background\") for the memory test: will it come "
+                "back in the same colour? (see docs/tiny_world_v2.md). The cache behaviour, timings and analysis "
+                "are real.")
     if "tiny-world" in name:
         return ("A 5-million-parameter model trained here on a CPU, on 5-second clips of bouncing shapes: it "
                 "draws the prompted background and moving blobs, often not in the prompted colours and not "

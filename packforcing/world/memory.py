@@ -89,3 +89,21 @@ def training_clip(rng, world: WorldSpec | str = WORLD_V2, gap_range_s: tuple[flo
     first_exit = visible_intervals(scene, 30.0, world.height, world.width, fps)[0][1]
     start = max(0.0, first_exit - float(rng.uniform(0.5, 1.5)))
     return scene, int(round(start * fps))
+
+
+def parse_memory_caption(text: str) -> tuple[list[str], str | None]:
+    """([shape, ...], background or None) of a colour-free caption ("a square bouncing over a black
+    background"); ValueError if it names a colour or is not of that form (`memory_caption`'s)."""
+    from .captions import tokenize
+    from .palette import BACKGROUNDS, SHAPES
+
+    tokens = tokenize(text)
+    cut = next((i for i, t in enumerate(tokens) if t in ("bouncing", "over")), len(tokens))
+    words = [t for t in tokens[:cut] if t not in ("a", "an", "and", ",")]
+    if not words or len(words) > 2 or any(w not in SHAPES for w in words):
+        raise ValueError(f"not a colour-free caption ('a <shape> bouncing over a <background> background'): {text!r}")
+    rest = [t for t in tokens[cut:] if t not in ("bouncing", "over", "a", "an", ",", "background")]
+    background = " ".join(rest) or None
+    if background is not None and background not in BACKGROUNDS:
+        raise ValueError(f"unknown background {background!r} in {text!r}")
+    return words, background
