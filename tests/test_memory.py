@@ -147,3 +147,12 @@ def test_colour_free_captions_parse_and_the_studio_does_not_warn_about_them():
             parse_memory_caption(bad)
     assert "maroon" in studio.prompt_warning("a square bouncing over a maroon background")  # not in world v2
     assert studio.prompt_warning("a square bouncing over a glittery background") is not None
+
+
+def test_every_example_prompt_is_in_the_embedded_models_world():
+    from packforcing import studio
+    from packforcing.studio.view import load_examples
+
+    examples = load_examples()
+    assert len(examples) >= 6 and any("bouncing over" in e and not set(e.split()[:2]) & set(COLOURS) for e in examples)
+    assert [e for e in examples if studio.prompt_warning(e) is not None] == []
