@@ -125,8 +125,8 @@ def ask(commands, command: str) -> float:
     return commands.recv() / MiB
 
 
-def send(client, rng: random.Random, index: int) -> str:
-    seconds = rng.randint(*ARGS_SECONDS)
+def send(client, rng: random.Random, index: int, lengths: tuple[int, int]) -> str:
+    seconds = rng.randint(*lengths)
     prompt, policy = rng.choice(PROMPTS), POLICIES[index % len(POLICIES)]
     if index % 10 == 9:
         pair = rng.sample(POLICIES, 2)
@@ -137,14 +137,12 @@ def send(client, rng: random.Random, index: int) -> str:
 
 
 def main(argv=None) -> int:
-    global ARGS_SECONDS
     args = parse_args(argv)
     if args.serve is not None:
         serve(args.serve)
         return 0
     from gradio_client import Client
 
-    ARGS_SECONDS = (args.min_seconds, args.max_seconds)
     rng = random.Random(args.seed)
     rows = []
     with tempfile.TemporaryDirectory(prefix="soak-served-") as tmp:
@@ -155,7 +153,7 @@ def main(argv=None) -> int:
                 if client is None or index % 3 == 0:
                     client = Client(url, verbose=False)
                 tic = time.perf_counter()
-                what = send(client, rng, index)
+                what = send(client, rng, index, (args.min_seconds, args.max_seconds))
                 row = dict(request=index + 1, what=what, seconds=round(time.perf_counter() - tic, 2),
                            **process_stats(server.pid, dirs))
                 rows.append(row)
@@ -188,8 +186,6 @@ def main(argv=None) -> int:
     print("PASS" if ok else "FAIL", f"(tolerance {args.tolerance:.0%})")
     return 0 if ok else 1
 
-
-ARGS_SECONDS = (1, 4)
 
 if __name__ == "__main__":
     sys.exit(main())
