@@ -25,7 +25,8 @@ PARTITION_LABELS = {"sink": "sink", "mid_archive": "mid archive (not selected)",
                     "mid_selected": "mid selected (top-k)", "recent": "recent",
                     "current": "current"}
 PHASE_COLORS = {"denoise": "#1f77b4", "commit": "#9467bd", "compress": "#8c564b",
-                "select": "#e377c2", "rope": "#bcbd22", "decode": "#17becf", "other": "#c7c7c7"}
+                "select": "#e377c2", "rope": "#bcbd22", "decode": "#17becf", "recache": "#ff9896",
+                "other": "#c7c7c7"}
 OTHER_COLOR = "#7f7f7f"
 
 

@@ -157,6 +157,11 @@ class Pipeline:
         """Seconds of video one block adds (after the first): temporal ratio × block frames / fps."""
         return self.vae.temporal_ratio * self.block_frames / self.fps
 
+    @property
+    def compressed_grid(self) -> tuple[int, int, int]:
+        """(t, h, w) cells of one block's compressed tokens (N_c = t·h·w)."""
+        return tuple(int(n) for n in Compressor.output_grid(self.block_frames, *self.latent_hw))
+
     def geometry(self, batch_size: int = 1) -> CacheGeometry:
         cfg = self.transformer.config
         _, gh, gw = self.transformer.token_grid(1, *self.latent_hw)
@@ -229,7 +234,7 @@ class Pipeline:
         offsets = _Compressor.token_centres(self.block_frames, *self.latent_hw)[0]
         options = {k: v for k, v in options.items() if k != "archive_device"}  # counted as device memory
         policy = make_policy(name, self.geometry(self.sampler.rows_per_prompt), compressed_t_offsets=offsets,
-                             **options)
+                             compressed_grid=self.compressed_grid, **options)
         return policy.allocate(num_blocks, device=torch.device("meta")).nbytes()
 
     def check_cache_memory(self, name: str, num_blocks: int, **options) -> int:
@@ -254,7 +259,7 @@ class Pipeline:
         compressor = self.compressor_for(compressor_mode)
         offsets = compressor.centres(self.block_frames, *self.latent_hw)[0]
         policy = make_policy(name, self.geometry(self.sampler.rows_per_prompt), compressed_t_offsets=offsets,
-                             **options)
+                             compressed_grid=self.compressed_grid, **options)
         if policy.compresses and min(self.latent_hw) < MIN_COMPRESSED_LATENT:
             side = MIN_COMPRESSED_LATENT * self.vae.spatial_ratio
             raise ValueError(f"cache policy {name!r} compresses blocks, which needs frames of at least {side}x{side} "
@@ -302,6 +307,7 @@ class Pipeline:
             recorder.meta.update(
                 policy=policy, options=policy_options, compressor=compressor.mode, seed=seed, seconds=seconds,
                 fps=self.fps, block_frames=self.block_frames, model=self.name, prompt=prompt,
+                temporal_ratio=self.vae.temporal_ratio, compressed_grid=list(self.compressed_grid),
             )
         return generate_blocks(
             self.transformer, text, cache, num_blocks, self.latent_hw, self.sampler, seed=seed,

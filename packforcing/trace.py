@@ -17,17 +17,23 @@ Recording appends plain tuples to Python lists; tidy pandas DataFrames are built
 - ``blocks``     block, seconds, latent_frames (added by the block), video_seconds, kv_tokens, kv_bytes,
   peak_memory_bytes — ``seconds`` = wall time of the block, ``video_seconds`` = seconds of
   video the block adds, ``peak_memory_bytes`` may be missing (nullable ``Int64``).
+- ``mid_attention`` block, layer, source_block, token, token_t, token_y, token_x, mass — for every
+  token of every *selected* mid block: the attention probability it receives from the current
+  block's sampled queries at the commit pass (mean over the query sample, the scoring heads and the
+  batch rows; softmax over everything the block attends). ``token`` indexes the block's compressed
+  tokens, (token_t, token_y, token_x) its cell in the compressed grid (``meta["compressed_grid"]``).
+  Per block: layers × selected blocks × N_c rows (tiny world: 4 × ≤16 × 8 ≤ 512).
+- ``switches``   block, video_seconds, prompt_index, mode, recached_blocks, seconds — a prompt
+  switch at the start of ``block`` (``video_seconds`` of video before it) to prompt
+  ``meta["prompts"][prompt_index]``; ``mode`` "keep" | "recache"; ``recached_blocks`` committed
+  blocks re-run under the new prompt, in ``seconds`` of wall time.
 
-A single file holds all tables plus ``meta`` (.parquet, .csv: long format with a ``table``
-column and a ``meta`` row; .json: ``{"meta": ..., "tables": {name: {column: [values]}}}``).
+Files: `packforcing.trace_io` (one .parquet, .csv or .json file with all tables plus ``meta``).
 ``meta`` is stored as JSON: tuples come back as lists, dataclasses as dicts.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import math
 from collections.abc import Mapping
 from itertools import chain
 from pathlib import Path
@@ -36,10 +42,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from .trace_io import FORMAT, VERSION, TraceFormatError, load_tables, save_tables  # noqa: F401  (re-exported)
+
 PARTITIONS = ("sink", "mid_archive", "mid_selected", "recent", "current")
-PHASES = ("denoise", "commit", "compress", "select", "rope", "decode")
-FORMAT = "packforcing-trace"
-VERSION = 1
+PHASES = ("denoise", "commit", "compress", "select", "rope", "decode", "recache")
 
 #: column -> dtype for every table (the contract of :meth:`TraceRecorder.tables`).
 SCHEMA: dict[str, dict[str, str]] = {
@@ -54,10 +60,14 @@ SCHEMA: dict[str, dict[str, str]] = {
     "blocks": {"block": "int64", "seconds": "float64", "latent_frames": "int64",
                "video_seconds": "float64", "kv_tokens": "int64", "kv_bytes": "int64",
                "peak_memory_bytes": "Int64"},
+    "mid_attention": {"block": "int64", "layer": "int64", "source_block": "int64", "token": "int64",
+                      "token_t": "int64", "token_y": "int64", "token_x": "int64", "mass": "float64"},
+    "switches": {"block": "int64", "video_seconds": "float64", "prompt_index": "int64", "mode": "str",
+                 "recached_blocks": "int64", "seconds": "float64"},
 }
 TABLES = tuple(SCHEMA)
-_NULLABLE = {"int64": "Int64", "Int64": "Int64", "bool": "boolean", "float64": "float64",
-             "str": "str"}
+#: tables recorded as one call per (block, layer) with per-row lists, expanded when built
+_COLUMNAR = {"scores": 2, "mid_attention": 2}
 
 
 def empty_tables() -> dict[str, pd.DataFrame]:
@@ -79,16 +89,6 @@ def _aslist(x) -> list:
     return x.tolist() if hasattr(x, "tolist") else list(x)
 
 
-def _json_default(o: Any):
-    if dataclasses.is_dataclass(o) and not isinstance(o, type):
-        return dataclasses.asdict(o)
-    if hasattr(o, "tolist"):  # numpy / torch scalars and arrays
-        return o.tolist()
-    if isinstance(o, (Path, set, frozenset)):
-        return str(o) if isinstance(o, Path) else sorted(o)
-    return repr(o)
-
-
 class TraceRecorder:
     """Records cache occupancy, mid scores, RoPE positions and timings of one run."""
 
@@ -100,7 +100,7 @@ class TraceRecorder:
         self._cache: dict[str, tuple[int, pd.DataFrame]] = {}
         self._handed: dict[str, int] = dict.fromkeys(TABLES, 0)  # rows already given out by `new_rows`
         # bound appends: the hot path is one attribute lookup and one call
-        self._occ, self._mid, self._pos, self._time, self._blk = (
+        self._occ, self._mid, self._pos, self._time, self._blk, self._att, self._sw = (
             self._rows[name].append for name in TABLES)
 
     # ---- recording (hot path: one tuple append each) ------------------------------------
@@ -134,6 +134,19 @@ class TraceRecorder:
         self._blk((block, seconds, latent_frames, video_seconds, kv_tokens,
                                      kv_bytes, peak_memory_bytes))
 
+    def mid_attention(self, block: int, layer: int, source_blocks, tokens, token_t, token_y, token_x,
+                      masses) -> None:
+        """Attention mass on each token of the selected mid blocks (one call per layer)."""
+        cols = tuple(_aslist(c) for c in (source_blocks, tokens, token_t, token_y, token_x, masses))
+        if len({len(c) for c in cols}) > 1:
+            raise ValueError(f"mid_attention: lists of unequal length {[len(c) for c in cols]}")
+        self._att((block, layer) + cols)
+
+    def prompt_switch(self, block: int, video_seconds: float, prompt_index: int, mode: str,
+                      recached_blocks: int, seconds: float) -> None:
+        """The prompt changed at the start of ``block`` (see the ``switches`` table)."""
+        self._sw((block, video_seconds, prompt_index, mode, recached_blocks, seconds))
+
     # ---- tables -------------------------------------------------------------------------
     def tables(self) -> dict[str, pd.DataFrame]:
         """Tidy DataFrames keyed by table name (built lazily, cached until the next append).
@@ -145,8 +158,7 @@ class TraceRecorder:
             rows = self._rows[name][:]  # snapshot; list appends are atomic
             cached = self._cache.get(name)
             if cached is None or cached[0] != len(rows):
-                build = _scores_frame if name == "scores" else _frame
-                cached = (len(rows), build(rows, name))
+                cached = (len(rows), _build(rows, name))
                 self._cache[name] = cached
             out[name] = cached[1].copy(deep=False)  # copy-on-write: callers can't touch the cache
         return out
@@ -161,8 +173,7 @@ class TraceRecorder:
         for name in TABLES:
             rows = self._rows[name]
             end = len(rows)
-            build = _scores_frame if name == "scores" else _frame
-            out[name] = build(rows[self._handed[name] : end], name)
+            out[name] = _build(rows[self._handed[name] : end], name)
             self._handed[name] = end
         return out
 
@@ -194,10 +205,10 @@ class TraceRecorder:
         tables, meta = load_tables(path)
         rec = cls(meta)
         for name, df in tables.items():
-            if name == "scores":
-                df = df.drop(columns="rank")
-                rec._rows[name][:] = [(blk, lay, [c], [s], [e], [sc], [sel]) for blk, lay, c, s, e,
-                                      sc, sel in df.itertuples(index=False, name=None)]
+            if name in _COLUMNAR:
+                df = df.drop(columns="rank") if name == "scores" else df
+                rec._rows[name][:] = [r[:2] + tuple([v] for v in r[2:])
+                                      for r in df.itertuples(index=False, name=None)]
             elif name == "blocks":
                 rec._rows[name][:] = [r[:-1] + (None if pd.isna(r[-1]) else int(r[-1]),)
                                    for r in df.itertuples(index=False, name=None)]
@@ -206,18 +217,25 @@ class TraceRecorder:
         return rec
 
 
-def _scores_frame(calls: list[tuple], name: str = "scores") -> pd.DataFrame:
-    """Expand per-call candidate lists into one row per candidate and add ``rank``."""
-    cols = list(SCHEMA["scores"])[:-1]
+def _build(rows: list[tuple], name: str) -> pd.DataFrame:
+    return _columnar_frame(rows, name) if name in _COLUMNAR else _frame(rows, name)
+
+
+def _columnar_frame(calls: list[tuple], name: str) -> pd.DataFrame:
+    """Expand per-call lists into one row each (``scores``: and add ``rank``)."""
+    schema = SCHEMA[name]
+    cols = list(schema)[:-1] if name == "scores" else list(schema)
     if not calls:
-        return _frame([], "scores")
+        return _frame([], name)
     n = [len(c[2]) for c in calls]
     data = {"block": np.repeat(np.array([c[0] for c in calls], dtype=np.int64), n),
             "layer": np.repeat(np.array([c[1] for c in calls], dtype=np.int64), n)}
     for i, col in enumerate(cols[2:], start=2):
-        dtype = {"score": np.float64, "selected": np.bool_}.get(col, np.int64)
+        dtype = {"float64": np.float64, "bool": np.bool_}.get(schema[col], np.int64)
         data[col] = np.fromiter(chain.from_iterable(c[i] for c in calls), dtype=dtype, count=sum(n))
     df = pd.DataFrame(data, columns=cols)
+    if name != "scores":
+        return df.astype(schema)
     rank = df.groupby(["block", "layer"])["score"].rank(method="first", ascending=False,
                                                          na_option="bottom")
     df["rank"] = rank.fillna(0)
@@ -276,79 +294,6 @@ def summarize(tables: Mapping[str, pd.DataFrame], meta: Mapping | None = None) -
     return out
 
 
-# ---- persistence ------------------------------------------------------------------------
-def _long_frame(tables: Mapping[str, pd.DataFrame], meta: Mapping) -> pd.DataFrame:
-    """All tables stacked in one frame: ``table`` column + union of columns + ``meta`` row."""
-    dtypes = {"table": "str"}
-    for name in TABLES:
-        dtypes.update({c: _NULLABLE[d] for c, d in SCHEMA[name].items()})
-    dtypes["meta"] = "str"
-    meta_row = pd.DataFrame({"table": ["meta"], "meta": [json.dumps(meta, default=_json_default)]})
-    parts = [meta_row] + [tables[name].assign(table=name) for name in TABLES]
-    return pd.concat([p.reindex(columns=list(dtypes)).astype(dtypes) for p in parts],
-                     ignore_index=True)
-
-
-def _from_long(long: pd.DataFrame) -> tuple[dict[str, pd.DataFrame], dict]:
-    meta_rows = long.loc[long["table"] == "meta", "meta"]
-    meta = json.loads(meta_rows.iloc[0]) if len(meta_rows) else {}
-    tables = {}
-    for name, cols in SCHEMA.items():
-        sub = long.loc[long["table"] == name, list(cols)].reset_index(drop=True)
-        tables[name] = sub.astype(cols)
-    return tables, meta
-
-
-def _json_value(v):
-    if v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v)):
-        return None
-    return v.item() if hasattr(v, "item") else v
-
-
-def save_tables(tables: Mapping[str, pd.DataFrame], path, meta: Mapping | None = None) -> Path:
-    """Write ``tables`` (and ``meta``) to one file; the format follows the extension."""
-    path = Path(path)
-    suffix = path.suffix.lower()
-    meta = dict(meta or {})
-    tables = {name: tables.get(name, _frame([], name)).astype(SCHEMA[name]) for name in TABLES}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if suffix == ".parquet":
-        _long_frame(tables, meta).to_parquet(path, index=False)
-    elif suffix == ".csv":
-        _long_frame(tables, meta).to_csv(path, index=False)
-    elif suffix == ".json":
-        doc = {"format": FORMAT, "version": VERSION,
-               "meta": json.loads(json.dumps(meta, default=_json_default)),
-               "tables": {name: {c: [_json_value(v) for v in df[c].tolist()] for c in df.columns}
-                          for name, df in tables.items()}}
-        path.write_text(json.dumps(doc, indent=1, allow_nan=False))
-    else:
-        raise ValueError(f"unsupported trace extension {suffix!r}: use .parquet, .csv or .json")
-    return path
-
-
-def load_tables(path) -> tuple[dict[str, pd.DataFrame], dict]:
-    """Read a trace file written by :func:`save_tables`: (tables, meta)."""
-    path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix == ".parquet":
-        return _from_long(pd.read_parquet(path))
-    if suffix == ".csv":
-        dtypes = _long_frame(empty_tables(), {}).dtypes.to_dict()
-        return _from_long(pd.read_csv(path, dtype=dtypes, keep_default_na=True))
-    if suffix == ".json":
-        doc = json.loads(path.read_text())
-        if doc.get("format") != FORMAT:
-            raise ValueError(f"{path} is not a {FORMAT} file")
-        tables = {}
-        for name, cols in SCHEMA.items():
-            data = doc["tables"].get(name, {})
-            df = pd.DataFrame({c: pd.Series(data.get(c, []), dtype=object) for c in cols})
-            tables[name] = df.astype({c: _NULLABLE[d] for c, d in cols.items()}).astype(cols)
-        return tables, doc.get("meta", {})
-    raise ValueError(f"unsupported trace extension {suffix!r}: use .parquet, .csv or .json")
-
-
 class NullRecorder:
     """Recorder that records nothing (``enabled = False``); same methods as TraceRecorder."""
 
@@ -373,6 +318,12 @@ class NullRecorder:
 
     def block_done(self, block, seconds, latent_frames, video_seconds, kv_tokens, kv_bytes,
                    peak_memory_bytes=None) -> None:
+        pass
+
+    def mid_attention(self, block, layer, source_blocks, tokens, token_t, token_y, token_x, masses) -> None:
+        pass
+
+    def prompt_switch(self, block, video_seconds, prompt_index, mode, recached_blocks, seconds) -> None:
         pass
 
     def tables(self) -> dict[str, pd.DataFrame]:

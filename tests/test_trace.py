@@ -38,6 +38,13 @@ def synthetic_run(blocks: int = BLOCKS, rec: TraceRecorder | None = None, seed: 
                 rec.mid_scores(b, layer, archive, [c * FRAMES for c in archive],
                                [(c + 1) * FRAMES for c in archive], scores,
                                [i in top for i in range(len(archive))])
+            chosen = selected[layer]
+            if chosen:  # 8 compressed tokens per block on a 2x2x2 grid
+                masses = rng.dirichlet(np.ones(MID_TOKENS * len(chosen) + 1))[:-1]
+                rec.mid_attention(b, layer, np.repeat(chosen, MID_TOKENS), list(range(MID_TOKENS)) * len(chosen),
+                                  [t // 4 for t in range(MID_TOKENS)] * len(chosen),
+                                  [t // 2 % 2 for t in range(MID_TOKENS)] * len(chosen),
+                                  [t % 2 for t in range(MID_TOKENS)] * len(chosen), masses)
             kept = [("sink", c) for c in sink] + [("mid_selected", c) for c in selected[layer]]
             kept += [("recent", c) for c in recent] + [("current", b)]
             pos = 0
@@ -54,6 +61,8 @@ def synthetic_run(blocks: int = BLOCKS, rec: TraceRecorder | None = None, seed: 
                          "current": block_tokens + (MID_TOKENS if step == STEPS else 0)}
                 for part, tokens in parts.items():
                     rec.occupancy(b, step, layer, part, tokens, tokens * BYTES_PER_TOKEN)
+        if b == 5:
+            rec.prompt_switch(b, 4.8, 1, "recache", b, 0.3)
         for _ in range(STEPS):
             rec.phase(b, "denoise", 0.02 + 0.001 * rng.random())
         rec.phase(b, "commit", 0.02)
@@ -76,7 +85,7 @@ def assert_tables_equal(a: dict, b: dict):
 
 def test_empty_tables_have_stable_columns_and_dtypes():
     for tables in (TraceRecorder().tables(), NullRecorder().tables(), empty_tables()):
-        assert list(tables) == ["occupancy", "scores", "positions", "timing", "blocks"]
+        assert list(tables) == ["occupancy", "scores", "positions", "timing", "blocks", "mid_attention", "switches"]
         for name, df in tables.items():
             assert df.empty
             assert {c: str(t) for c, t in df.dtypes.items()} == SCHEMA[name]
@@ -215,3 +224,64 @@ def test_recorder_overhead_is_measured():
         print(f"\n{type(rec).__name__}: occupancy {occ * 1e9:.0f} ns/call, "
               f"mid_scores(16 candidates) {mid * 1e9:.0f} ns/call, "
               f"tables() {build * 1e3:.1f} ms for {rows} score rows")
+
+
+def test_new_tables_are_recorded_and_round_trip(tmp_path):
+    rec = synthetic_run()
+    tables = rec.tables()
+    att, sw = tables["mid_attention"], tables["switches"]
+    assert len(att) and set(att["token"]) == set(range(MID_TOKENS))
+    assert (att.groupby(["block", "layer"])["mass"].sum() < 1).all()  # the rest goes to sink/recent/current
+    assert sw.to_dict("records") == [dict(block=5, video_seconds=4.8, prompt_index=1, mode="recache",
+                                          recached_blocks=5, seconds=0.3)]
+    with pytest.raises(ValueError, match="unequal"):
+        rec.mid_attention(1, 0, [2, 2], [0], [0, 0], [0, 0], [0, 0], [0.1, 0.2])
+
+
+def _write_long(path, frame):
+    frame.to_parquet(path, index=False) if path.suffix == ".parquet" else frame.to_csv(path, index=False)
+
+
+@pytest.mark.parametrize("ext", ["parquet", "csv"])
+def test_foreign_and_damaged_files_get_a_clear_error(tmp_path, ext):
+    from packforcing.trace import TraceFormatError, load_tables
+
+    foreign = tmp_path / f"sales.{ext}"
+    _write_long(foreign, pd.DataFrame({"region": ["north"], "revenue": [3.5]}))
+    with pytest.raises(TraceFormatError, match="not a PackForcing trace"):
+        load_tables(foreign)
+    damaged = tmp_path / f"cut.{ext}"
+    good = synthetic_run().save(tmp_path / f"good.{ext}")
+    damaged.write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2])
+    with pytest.raises(TraceFormatError):
+        load_tables(damaged)
+    other = tmp_path / f"other.{ext}"
+    _write_long(other, pd.DataFrame({"table": ["meta"], "meta": ['{"format": "someone-else", "meta": {}}']}))
+    with pytest.raises(TraceFormatError, match="someone-else"):
+        load_tables(other)
+    newer = tmp_path / f"newer.{ext}"
+    _write_long(newer, pd.DataFrame({"table": ["meta"], "meta": ['{"format": "packforcing-trace", "version": 99}']}))
+    with pytest.raises(TraceFormatError, match="version 99"):
+        load_tables(newer)
+    with pytest.raises(FileNotFoundError):
+        load_tables(tmp_path / f"missing.{ext}")
+
+
+def test_version_1_files_still_load(tmp_path):
+    """A trace written before mid_attention / switches (meta row = the meta itself) loads, those empty."""
+    from packforcing.trace import load_tables
+    from packforcing.trace_io import _long_frame
+
+    rec = synthetic_run()
+    tables = rec.tables()
+    long = _long_frame(tables, {})
+    long = long[~long["table"].isin(["mid_attention", "switches"])].drop(
+        columns=["token", "token_t", "token_y", "token_x", "mass", "prompt_index", "mode",
+                 "recached_blocks"])
+    long.loc[long["table"] == "meta", "meta"] = '{"policy": "packforcing"}'
+    path = tmp_path / "v1.parquet"
+    long.to_parquet(path, index=False)
+    loaded, meta = load_tables(path)
+    assert meta == {"policy": "packforcing"}
+    assert len(loaded["mid_attention"]) == 0 and len(loaded["switches"]) == 0
+    pd.testing.assert_frame_equal(loaded["scores"], tables["scores"])

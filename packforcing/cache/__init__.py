@@ -34,10 +34,12 @@ POLICIES = {
 }
 
 
-def make_policy(name: str, geometry: CacheGeometry, compressed_t_offsets=None, **options) -> CachePolicy:
+def make_policy(name: str, geometry: CacheGeometry, compressed_t_offsets=None, compressed_grid=None,
+                **options) -> CachePolicy:
     """Build a policy by name. ``options`` are its config fields (e.g. ``window_frames=12``,
     ``top_k=16``); ``compressed_t_offsets`` [N_c] (from `Compressor.token_centres`) is needed by
-    compressing policies."""
+    compressing policies; ``compressed_grid`` (t, h, w) with t·h·w = N_c names each compressed
+    token's cell in the trace (default: (N_c, 1, 1))."""
     if name not in POLICIES:
         raise ValueError(f"unknown cache policy {name!r}; choose from {sorted(POLICIES)}")
     cls = POLICIES[name]
@@ -50,7 +52,7 @@ def make_policy(name: str, geometry: CacheGeometry, compressed_t_offsets=None, *
     if cls.compresses:
         if compressed_t_offsets is None:
             raise ValueError(f"policy {name!r} needs compressed_t_offsets (from the compressor)")
-        return cls(geometry, compressed_t_offsets, config=config)
+        return cls(geometry, compressed_t_offsets, config=config, compressed_grid=compressed_grid)
     return cls(geometry, config=config)
 
 

@@ -33,7 +33,10 @@ class AttentionContext:
         self.store.take_queries(self.plan, layer, q, self.step, self.commit)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        return self.store.update(self.plan, layer, k, v)
+        keys_values = self.store.update(self.plan, layer, k, v)
+        if self.commit and self.store.inspects:
+            self.store.inspect(self.plan, layer)
+        return keys_values
 
     def update_compressed(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Commit pass, compressed stream: attends context + block + itself; keeps its K/V."""

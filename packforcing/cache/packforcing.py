@@ -69,7 +69,8 @@ class PackForcingCache(SinkRecentPolicy):
 
     name, compresses, config_class, store_class = "packforcing", True, PackForcingConfig, PackForcingStore
 
-    def __init__(self, geometry, compressed_t_offsets: torch.Tensor, config: PackForcingConfig | None = None):
+    def __init__(self, geometry, compressed_t_offsets: torch.Tensor, config: PackForcingConfig | None = None,
+                 compressed_grid: tuple[int, int, int] | None = None):
         super().__init__(geometry, config)
         g, c = geometry, self.config
         self.n_sink = g.frames_to_blocks(c.sink_frames, "sink_frames")
@@ -79,6 +80,9 @@ class PackForcingCache(SinkRecentPolicy):
         # temporal centre of each compressed token relative to its block start, latent frames (N_c floats)
         self.t_offsets = tuple(float(t) for t in compressed_t_offsets)
         self.compressed_tokens = len(self.t_offsets)
+        self.compressed_grid = tuple(int(n) for n in (compressed_grid or (self.compressed_tokens, 1, 1)))
+        if math.prod(self.compressed_grid) != self.compressed_tokens:
+            raise ValueError(f"compressed_grid {self.compressed_grid} does not hold {self.compressed_tokens} tokens")
         self.span = {"span": g.block_frames, "compressed": math.ceil(g.block_frames / 2), "single": 1}[c.mid_span]
         T = g.tokens_per_block
         self.sink_offset = T
@@ -175,16 +179,24 @@ class PackForcingCache(SinkRecentPolicy):
     def record(self, recorder, plan, report, num_steps: int) -> None:
         super().record(recorder, plan, report, num_steps)
         block_frames = self.geometry.block_frames
+        n_c = self.compressed_tokens
+        cells = [divmod(divmod(j, self.compressed_grid[2])[0], self.compressed_grid[1]) + (j % self.compressed_grid[2],)
+                 for j in range(n_c)]  # token j -> (t, y, x): the compressor's flatten order
         for layer in range(self.geometry.num_layers):
             chosen = []
             if plan.selection is not None:
                 cands = plan.selection.candidates
-                scores, index = report[layer]
+                scores, index, mass = report[layer]
                 chosen = [cands[i] for i in index]
                 picked = set(index)
                 recorder.mid_scores(plan.block, layer, [h.block for h in cands],
                                     [h.block * block_frames for h in cands], [(h.block + 1) * block_frames for h in cands],
                                     scores if scores is not None else [float("nan")] * len(cands),
                                     [i in picked for i in range(len(cands))])
+                if mass is not None and chosen:
+                    recorder.mid_attention(plan.block, layer, [h.block for h in chosen for _ in range(n_c)],
+                                           list(range(n_c)) * len(chosen), [c[0] for c in cells] * len(chosen),
+                                           [c[1] for c in cells] * len(chosen), [c[2] for c in cells] * len(chosen),
+                                           mass)
             for region, block, pos in self.positions(plan, chosen):
                 self._record_position(recorder, plan.block, layer, region, block, pos)

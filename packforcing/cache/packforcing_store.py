@@ -50,6 +50,7 @@ class PackForcingStore(CacheStore):
         self.score_correction = self.t_offsets * scale  # [N_c] frames, applied before summing
         self.selected_index: list[torch.Tensor | None] = []
         self.scores: list[torch.Tensor | None] = []
+        self.mid_mass: list[torch.Tensor | None] = []  # per layer [k·N_c]: see `inspect`
 
     def placement(self, name: str) -> str:
         device = self.policy.config.archive_device
@@ -64,7 +65,7 @@ class PackForcingStore(CacheStore):
             for move in plan.moves:  # recent blocks: full K/V and their query samples
                 self.workspace.rotate(self.rope, p.recent_offset + move.slot * T, T, move.delta)
                 self.rope.rotate_temporal_(self.recent_queries[:, :, move.slot].transpose(-2, -3), move.delta)
-        self.selected_index, self.scores = [None] * L, [None] * L
+        self.selected_index, self.scores, self.mid_mass = [None] * L, [None] * L, [None] * L
         sel = plan.selection
         if sel is None:
             return
@@ -120,6 +121,22 @@ class PackForcingStore(CacheStore):
         end, n_compressed = plan.attend_tokens, self.policy.compressed_tokens
         self.workspace.copy_layer(layer, self.pending, 0, end, n_compressed)
         return self.workspace.view(layer, end + n_compressed)
+
+    inspects = True
+
+    def inspect(self, plan, layer) -> None:
+        """Commit pass, after `update`: the attention probability each selected mid token gets from the
+        block's query sample (the one kept for scoring: n_q queries, half the heads), softmax over all
+        the keys the block attends, mean over queries, heads and batch rows -> ``mid_mass[layer]``
+        [k·N_c] f32 (stays on the device; read by `report`)."""
+        sel = plan.selection
+        if sel is None or sel.count == 0:
+            return
+        keys = self.workspace.keys[layer, :, :, : plan.attend_tokens].index_select(1, self.score_heads)
+        logits = torch.einsum("bnhd,bhtd->bnht", self.pending_queries[layer], keys.float())
+        probs = (logits / math.sqrt(self.geometry.head_dim)).softmax(dim=-1)  # [B, n_q, Hs, T]
+        start = self.policy.mid_offset
+        self.mid_mass[layer] = probs[..., start : start + sel.count * self.policy.compressed_tokens].mean(dim=(0, 1, 2))
 
     # -- selection -----------------------------------------------------------------------------
     def _query_sample(self, q: torch.Tensor) -> torch.Tensor:
@@ -184,10 +201,12 @@ class PackForcingStore(CacheStore):
         self.archive_key_sums[:, :, :, slot].copy_(keys.sum(dim=3))
 
     def report(self, plan):
-        """Per layer: (scores as a list or None, chosen candidate indices) — one host read per block."""
+        """Per layer: (scores as a list or None, chosen candidate indices, mass of each selected mid token
+        as a list or None) — read once per block, after it."""
         if plan.selection is None:
             return None
-        return [(None if s is None else s.tolist(), i.tolist()) for s, i in zip(self.scores, self.selected_index)]
+        return [(None if s is None else s.tolist(), i.tolist(), None if m is None else m.tolist())
+                for s, i, m in zip(self.scores, self.selected_index, self.mid_mass)]
 
     def selected(self, plan, layer: int):
         """The `Held` candidates ``layer`` attends this block (reads the device; for inspection)."""

@@ -136,6 +136,11 @@ class CacheStore:
     def update(self, plan, layer: int, k: torch.Tensor, v: torch.Tensor):
         raise NotImplementedError
 
+    inspects = False  # True: `inspect` runs after `update` on the commit pass
+
+    def inspect(self, plan, layer: int) -> None:
+        """Commit pass, after `update`: measure what the block attends (for the trace; no effect on it)."""
+
     def update_compressed(self, plan, layer: int, k: torch.Tensor, v: torch.Tensor):
         raise NotImplementedError(f"{type(self).__name__} does not take compressed tokens")
 
