@@ -28,7 +28,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="generate a video",
         description="Generate a video. Without --model: the embedded tiny model (random weights for now).",
     )
-    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--prompt", action="append", default=None,
+                     help="the prompt; repeat as --prompt 'T:text' to change it at T seconds (e.g. --prompt "
+                          "'0:a red circle…' --prompt '20:a blue square…')")
+    gen.add_argument("--prompt-schedule", default=None, metavar="FILE",
+                     help="a text file of 'SECONDS: prompt' lines (instead of --prompt)")
+    gen.add_argument("--on-switch", default=None, choices=["keep", "recache"],
+                     help="at a prompt switch keep the cache as it is (default) or re-cache it under the new prompt")
     gen.add_argument("--seconds", type=float, default=5.0, help="video length in seconds (default 5)")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--policy", default="packforcing", choices=POLICY_NAMES)
@@ -197,6 +203,30 @@ def save_outputs(args, frames, recorder, fps: int) -> tuple[Path, Path | None]:
     return path, trace
 
 
+MAX_SCHEDULE_BYTES = 64 * 1024
+
+
+def prompt_schedule(args):
+    """The run's `PromptSchedule` from --prompt / --prompt-schedule (ValueError with a message)."""
+    from .schedule import PromptSchedule
+
+    if bool(args.prompt) == bool(args.prompt_schedule):
+        raise ValueError("give --prompt (repeatable as --prompt 'T:text') or --prompt-schedule FILE, not both"
+                         if args.prompt else "a prompt is needed: --prompt TEXT or --prompt-schedule FILE")
+    if args.prompt:
+        return PromptSchedule.from_items(args.prompt)
+    path = Path(args.prompt_schedule)
+    if not path.is_file():
+        raise ValueError(f"--prompt-schedule: no such file {path}")
+    if path.stat().st_size > MAX_SCHEDULE_BYTES:
+        raise ValueError(f"--prompt-schedule: {path} is larger than {MAX_SCHEDULE_BYTES // 1024} KiB")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"--prompt-schedule: {path} is not UTF-8 text") from None
+    return PromptSchedule.parse(text)
+
+
 def generate(args) -> int:
     from .embedded import default_pipeline
     from .pipeline import Pipeline
@@ -206,6 +236,10 @@ def generate(args) -> int:
     problem = check_paths(args)
     if problem:
         return _fail(problem)
+    try:
+        schedule = prompt_schedule(args)
+    except ValueError as err:
+        return _fail(str(err))
     try:
         if args.model == "self-forcing":
             from .self_forcing import load_pipeline
@@ -234,8 +268,8 @@ def generate(args) -> int:
     recorder = TraceRecorder() if args.trace else NullRecorder()
     try:
         blocks = pipe.stream(
-            args.prompt, args.seconds, policy=args.policy, seed=args.seed, recorder=recorder,
-            compressor_mode=args.compressor, **policy_options(args),
+            schedule, args.seconds, policy=args.policy, seed=args.seed, recorder=recorder,
+            compressor_mode=args.compressor, prompt_switch=args.on_switch, **policy_options(args),
         )
         total = pipe.num_blocks(args.seconds)
     except ValueError as err:

@@ -26,7 +26,8 @@ from .configs import TINY
 from .devices import available_memory
 from .inputs import MAX_PROMPT_CHARS, check_prompt, check_seed  # noqa: F401  (re-exported)
 from .model import CausalWanTransformer
-from .sampler import SamplerConfig, generate_blocks
+from .sampler import SamplerConfig, added_frames, generate_blocks
+from .schedule import PromptSchedule
 from .vae import WanVAE, tiny_vae_config
 from .video import to_uint8, write_video  # noqa: F401  (re-exported)
 
@@ -287,33 +288,50 @@ class Pipeline:
 
     def stream(
         self,
-        prompt: str,
+        prompt,
         seconds: float = 5.0,
         policy: str = "packforcing",
         seed: int = 0,
         recorder=None,
         compressor_mode: str | None = None,
+        prompt_switch: str | None = None,
         **policy_options,
     ):
-        """Yield one `BlockResult` (latents + decoded pixels) per block. Validates everything first."""
+        """Yield one `BlockResult` (latents + decoded pixels) per block. Validates everything first.
+
+        ``prompt``: text, or a `PromptSchedule` (the prompt changes at chosen seconds); ``prompt_switch``
+        "keep" | "recache" (default: this pipeline's sampler setting) says what the cache does then."""
         num_blocks = self.num_blocks(seconds)
         seed = check_seed(seed)
-        check_prompt(prompt)
+        schedule = prompt if isinstance(prompt, PromptSchedule) else PromptSchedule.single(check_prompt(prompt))
+        switch_blocks = schedule.switch_blocks(self.block_starts(num_blocks), seconds)
+        sampler = self.sampler if prompt_switch is None else dataclasses.replace(self.sampler,
+                                                                                 prompt_switch=prompt_switch)
         policy_options = self.check_policy_options(policy, policy_options)
         cache, compressor = self.build_policy(policy, compressor_mode=compressor_mode, **policy_options)
         self.check_cache_memory(policy, num_blocks, **policy_options)
-        text = self.encode_prompt(prompt)
+        texts = [self.encode_prompt(p) for p in schedule.prompts]
         if recorder is not None and recorder.enabled:
             recorder.meta.update(
                 policy=policy, options=policy_options, compressor=compressor.mode, seed=seed, seconds=seconds,
-                fps=self.fps, block_frames=self.block_frames, model=self.name, prompt=prompt,
+                fps=self.fps, block_frames=self.block_frames, model=self.name, prompt=schedule.first,
                 temporal_ratio=self.vae.temporal_ratio, compressed_grid=list(self.compressed_grid),
+                prompts=schedule.as_meta(switch_blocks), prompt_switch=sampler.prompt_switch,
             )
         return generate_blocks(
-            self.transformer, text, cache, num_blocks, self.latent_hw, self.sampler, seed=seed,
+            self.transformer, texts[0], cache, num_blocks, self.latent_hw, sampler, seed=seed,
             decoder=self.vae.streaming_decoder(), compressor=compressor, vae=self.vae, recorder=recorder,
             fps=self.fps, temporal_ratio=self.vae.temporal_ratio,
+            prompt_switches=dict(zip(switch_blocks[1:], texts[1:])),
         )
+
+    def block_starts(self, num_blocks: int) -> list[float]:
+        """Seconds of video before each block (block 0 starts at 0)."""
+        starts, total = [], 0.0
+        for block in range(num_blocks):
+            starts.append(total)
+            total += added_frames(block, self.block_frames, self.vae.temporal_ratio) / self.fps
+        return starts
 
     def generate(self, prompt: str, seconds: float = 5.0, **kwargs) -> np.ndarray:
         """Whole video as uint8 [T, H, W, 3]."""
