@@ -16,17 +16,19 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no network calls o
 # studio imports `spaces` before torch, as ZeroGPU requires.
 from packforcing import safety, studio  # noqa: E402, I001
 
+import functools  # noqa: E402
 import html  # noqa: E402
 import inspect  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import gradio as gr  # noqa: E402
 
+import app_panels
 from analysis.figures import compare_figure
-from packforcing.studio import admission, http_guard  # Gradio's queue and HTTP edge on a public Space
+from packforcing.studio import admission, http_guard, replay  # Gradio's queue and HTTP edge on a public Space
 from packforcing.studio.view import (  # the page's HTML and figures (no Gradio)
-    CSS, IDLE, POLICY_NOTES, compare_frame, latency_plot, load_examples, model_note, occupancy_plot, progress_html,
-    rope_plot, summary_frame, toast_text, topk_plot, update_html,
+    CSS, IDLE, POLICY_NOTES, compare_frame, load_examples, model_note, progress_html, run_summary_frame,
+    summary_frame, toast_text, update_html,
 )
 from packforcing.studio.models import model_description
 
@@ -42,7 +44,8 @@ def launch_kwargs() -> dict:
 # ---- handlers ----------------------------------------------------------------------------------
 KNOBS = studio.knob_specs()
 KNOB_NAMES = list(KNOBS)
-SETTINGS = ["prompt", "seconds", "seed", "randomize_seed", "policy", "compressor", "model", *KNOB_NAMES]
+SETTINGS = ["prompt", "seconds", "seed", "randomize_seed", "policy", "compressor", "model", "schedule",
+            "prompt_switch", *KNOB_NAMES]
 # the analysis controls travel with the settings, so live plots honour the chosen layer / unit
 INPUTS = [*SETTINGS, "occ_layer", "occ_unit", "topk_layer", "rope_layer"]
 
@@ -57,16 +60,25 @@ def _request_from(values) -> tuple[studio.RunRequest, dict]:
     try:
         req = studio.validate_request(args["prompt"], args["seconds"], args["seed"], args["policy"], options,
                                       args["compressor"], args["model"] or studio.DEFAULT_MODEL,
-                                      randomize_seed=args["randomize_seed"])
+                                      randomize_seed=args["randomize_seed"], schedule=args["schedule"],
+                                      prompt_switch=args["prompt_switch"])
         layers = studio.get_pipeline(req.model).transformer.config.num_layers
         args.update(studio.validate_view(args["occ_layer"], args["occ_unit"], args["topk_layer"], args["rope_layer"],
                                          layers))
     except studio.StudioError as err:
         raise gr.Error(toast_text(err), title="Invalid input") from None
-    note = studio.prompt_warning(req.prompt, req.model)
-    if note:
-        gr.Warning(toast_text(note))
+    for text in [req.prompt, *(p for _, p in req.schedule)]:
+        note = studio.prompt_warning(text, req.model)
+        if note:
+            gr.Warning(toast_text(note))
     return req, args
+
+
+def _panels(tables, update, args, fps):
+    """The analysis panels' values for the latest block of a run (`app_panels.render`)."""
+    view = {"meta": update.meta, "thumbs": update.thumbnails}
+    return app_panels.render(tables, view, None, args["occ_layer"], args["occ_unit"], args["topk_layer"],
+                             args["rope_layer"], fps=fps)
 
 
 def _generate(request: gr.Request, *values):
@@ -77,41 +89,59 @@ def _generate(request: gr.Request, *values):
     key = _session(request)
     studio.RUNS.register(key, worker)
     worker.start()
-    no_plots = (gr.skip(),) * 4
+    panels_kept = (gr.skip(),) * (len(app_panels.OUTPUT_NAMES) - 2)
     try:
         yield (progress_html(0, f"Starting: {req.num_blocks} blocks ({req.label})…"), None, None, None, None,
-               *no_plots, gr.skip(), None, req.seed)
+               *panels_kept, None, None, req.seed)
         for update in worker.updates():
             if update.final:
                 break
-            tables = update.tables
-            if worker.backlog:  # the UI fell behind: stream the segment, redraw the plots next time
-                yield (update_html(update), str(update.segment), *(gr.skip(),) * 10)
+            if worker.backlog:  # the UI fell behind: stream the segment, redraw the panels next time
+                yield (update_html(update), str(update.segment), *(gr.skip(),) * (4 + len(app_panels.OUTPUT_NAMES)))
                 continue
             yield (update_html(update), str(update.segment), None, None, gr.skip(),
-                   occupancy_plot(tables, args["occ_layer"], args["occ_unit"]),
-                   topk_plot(tables, args["topk_layer"], pipe.fps),
-                   rope_plot(tables, update.blocks_done - 1, args["rope_layer"]),
-                   latency_plot(tables),
-                   gr.update(maximum=max(1, update.blocks_done - 1), value=update.blocks_done - 1),
-                   tables, gr.skip())
-        tables = update.tables
+                   *_panels(update.tables, update, args, pipe.fps), gr.skip())
         if update.kind == "error":
             gr.Warning(toast_text(f"Generation failed: {update.message}"))
         elif update.stopped:
             gr.Info(f"Stopped after {update.blocks_done} of {update.total_blocks} blocks; the partial video is kept.")
         yield (update_html(update), gr.skip(), str(update.video) if update.video else None,
                [str(p) for p in update.trace_files] or None, summary_frame(update),
-               occupancy_plot(tables, args["occ_layer"], args["occ_unit"]),
-               topk_plot(tables, args["topk_layer"], pipe.fps),
-               rope_plot(tables, max(0, update.blocks_done - 1), args["rope_layer"]),
-               latency_plot(tables),
-               gr.update(maximum=max(1, update.blocks_done - 1), value=max(0, update.blocks_done - 1)),
-               tables, req.seed)
+               *_panels(update.tables, update, args, pipe.fps), req.seed)
     finally:
         worker.stop()
         studio.RUNS.unregister(key, worker)
         http_guard.release_streams(request)
+
+
+def _replay_result(loaded: replay.Replay, fps: int):
+    """What a loaded replay shows: status, video, summary, and every panel at its last block."""
+    view = {"meta": loaded.meta, "thumbs": loaded.thumbnails}
+    summary = run_summary_frame(loaded.meta.get("policy") or "run", loaded.tables, loaded.meta)
+    status = progress_html(1.0, f"Replaying {loaded.name}: {loaded.blocks} blocks, "
+                                f"{loaded.tables['blocks']['video_seconds'].sum():.1f} s of video"
+                                + ("" if loaded.video else " (no video: no thumbnails)"))
+    return (status, str(loaded.video) if loaded.video else None, summary,
+            *app_panels.render(loaded.tables, view, None, fps=fps))
+
+
+def replay_files(trace, video):
+    """Replay an uploaded trace (and its video) in every panel, without a model."""
+    studio.cleanup_runs()  # uploads count against the disk cap
+    try:
+        loaded = replay.load_replay(trace, video)
+    except replay.ReplayError as err:
+        raise gr.Error(toast_text(err), title="Cannot replay this file") from None
+    return _replay_result(loaded, int(loaded.meta.get("fps") or 16))
+
+
+def replay_example(name):
+    """Replay a shipped instant example (a 2-minute run of the embedded model)."""
+    try:
+        loaded = replay.load_example(name)
+    except replay.ReplayError as err:
+        raise gr.Error(toast_text(err), title="Cannot replay this example") from None
+    return _replay_result(loaded, int(loaded.meta.get("fps") or 16))
 
 
 def _compare(request: gr.Request, *values):
@@ -267,7 +297,6 @@ def build_demo() -> gr.Blocks:
         gr.Markdown(f"Model: **{html.escape(pipe.name)}**, {pipe.width}×{pipe.height} at {pipe.fps} fps. "
                     + (model_note(pipe.name) or html.escape(model_description(studio.DEFAULT_MODEL))),
                     elem_classes="pf-note")
-        tables_state = gr.State(None, time_to_live=ttl)  # REST sessions never close: their tables expire too
         with gr.Row():
             with gr.Column(scale=4, min_width=330):
                 prompt = gr.Textbox(label="Prompt", lines=2, value=examples[0] if examples else "",
@@ -275,6 +304,15 @@ def build_demo() -> gr.Blocks:
                 if examples:
                     gr.Examples([[e] for e in examples], inputs=[prompt], label="Example prompts",
                                 cache_examples=False, examples_per_page=6)
+                with gr.Accordion("Prompt schedule: change the prompt mid-video", open=False):
+                    schedule = gr.Dataframe(
+                        value=[[None, ""]], headers=["seconds", "prompt"], datatype=["number", "str"], row_count=1,
+                        row_limits=(1, 15), column_count=2, column_limits=(2, 2), interactive=True,
+                        label="Later prompts (the prompt above plays from 0 s)", elem_id="pf-schedule")
+                    prompt_switch = gr.Radio(
+                        [("keep the cache", "keep"), ("re-cache under the new prompt", "recache")], value="keep",
+                        label="At a switch", info="re-cache: the kept blocks and compressed mid blocks are "
+                                                  "recomputed under the new prompt (LongLive's KV re-cache)")
                 seconds = gr.Slider(shortest, limit, value=max(shortest, min(studio.MIN_SECONDS, limit)), step=1,
                                     label="Duration (seconds)", info=f"{shortest:g}–{limit:g} s")
                 with gr.Row():
@@ -333,32 +371,37 @@ def build_demo() -> gr.Blocks:
                                               for p in policies]
                         compare_plot = gr.Plot(compare_figure(None), label="Memory and latency per block")
                         compare_table = gr.Dataframe(label="Summary per policy", interactive=False)
+                    with gr.Tab("Replay"):
+                        gr.Markdown("Replay a finished run in every panel below, without a model: pick an instant "
+                                    "example (2-minute runs of the embedded model, same prompt and seed) or load "
+                                    "a trace a run wrote (trace.parquet, with its video.mp4 for thumbnails).",
+                                    elem_classes="pf-note")
+                        example_buttons = []
+                        shipped = replay.examples()
+                        if shipped:
+                            with gr.Row(elem_id="pf-examples"):
+                                for entry in shipped:
+                                    button = gr.Button(entry["label"], size="sm")
+                                    example_buttons.append((entry["name"], button))
+                        with gr.Row():
+                            replay_trace = gr.File(label="Trace (.parquet, .csv or .json)", type="filepath",
+                                                   file_types=list(replay.TRACE_SUFFIXES), height=120)
+                            replay_video = gr.File(label="Its video (.mp4, optional)", type="filepath",
+                                                   file_types=[".mp4"], height=120)
+                        replay_btn = gr.Button("Replay files", variant="primary",
+                                               interactive=safety.uploads_enabled())
+                        replay_status = gr.HTML(progress_html(0, "Nothing replayed yet."))
+                        replay_player = gr.Video(label="Replayed video", interactive=False, height=260)
+                        replay_summary = gr.Dataframe(label="Run summary", interactive=False)
 
-        gr.Markdown("## Cache analysis (updated every block)")
-        with gr.Row():
-            with gr.Column():
-                occ_plot = gr.Plot(occupancy_plot(None), label="Cache occupancy")
-                with gr.Row():
-                    occ_layer = gr.Dropdown(layers, value="mean", label="Layer")
-                    occ_unit = gr.Radio(["tokens", "MB"], value="tokens", label="Unit")
-            with gr.Column():
-                topk = gr.Plot(topk_plot(None), label="Top-k scores")
-                topk_layer = gr.Dropdown(layers, value="mean", label="Layer")
-        with gr.Row():
-            with gr.Column():
-                rope = gr.Plot(rope_plot(None), label="RoPE position map")
-                with gr.Row():
-                    rope_block = gr.Slider(0, 1, value=0, step=1, label="Generation block",
-                                           info="follows the latest block while generating")
-                    rope_layer = gr.Dropdown(layers[1:], value="0", label="Layer")
-            with gr.Column():
-                latency = gr.Plot(latency_plot(None), label="Latency and memory per block")
+        panels = app_panels.Panels(layers, pipe.fps, ttl)
+        occ_layer, occ_unit, topk_layer, rope_layer = panels.occ_layer, panels.occ_unit, panels.topk_layer, \
+            panels.rope_layer
 
         # -- events ----------------------------------------------------------------------------
-        settings = [prompt, seconds, seed, randomize, policy, compressor, model, *knobs]
+        settings = [prompt, seconds, seed, randomize, policy, compressor, model, schedule, prompt_switch, *knobs]
         inputs = [*settings, occ_layer, occ_unit, topk_layer, rope_layer]
-        outputs = [progress, preview, video, trace_files, summary, occ_plot, topk, rope, latency, rope_block,
-                   tables_state, seed]
+        outputs = [progress, preview, video, trace_files, summary, *panels.outputs, seed]
         buttons = [generate_btn, compare_btn]
         policy.change(on_policy, policy, [policy_note, compressor, advanced, *knobs], api_visibility="private",
                       queue=False)
@@ -378,15 +421,13 @@ def build_demo() -> gr.Blocks:
         for button in (stop_btn, compare_stop):
             button.click(stop, None, None, api_name="stop", concurrency_limit=None,
                          api_visibility="public" if button is stop_btn else "private")
-        occ_layer.input(occupancy_plot, [tables_state, occ_layer, occ_unit], occ_plot, api_visibility="private",
-                         concurrency_limit=None)
-        occ_unit.input(occupancy_plot, [tables_state, occ_layer, occ_unit], occ_plot, api_visibility="private",
-                        concurrency_limit=None)
-        topk_layer.input(lambda t, layer: topk_plot(t, layer, pipe.fps), [tables_state, topk_layer], topk,
-                          api_visibility="private", concurrency_limit=None)
-        for control in (rope_block, rope_layer):
-            control.input(rope_plot, [tables_state, rope_block, rope_layer], rope, api_visibility="private",
-                           concurrency_limit=None)
+        replay_outputs = [replay_status, replay_player, replay_summary, *panels.outputs]
+        replay_btn.click(replay_files, [replay_trace, replay_video], replay_outputs, api_name="replay",
+                         concurrency_id="replay", concurrency_limit=2)
+        for name, button in example_buttons:
+            button.click(functools.partial(replay_example, name), None, replay_outputs, api_visibility="private",
+                         concurrency_id="replay", concurrency_limit=2)
+        panels.wire()
         demo.unload(on_unload)
     demo.queue(default_concurrency_limit=concurrency, max_size=safety.queue_size())
     admission.ClientLimit(demo).install()  # at most PACKFORCING_JOBS_PER_CLIENT per client address

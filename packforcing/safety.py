@@ -26,9 +26,12 @@ variable                        meaning                                    defau
 ``PACKFORCING_DISK_CAP_MB``     disk the run directories and Gradio's      2,048 (10 .. 10^7)
                                 cache may hold: oldest finished runs go
                                 first
-``PACKFORCING_MAX_UPLOAD_MB``   largest request file Gradio accepts (its   1 (0.001 .. 1,024)
-                                ``max_file_size``; the upload routes are
-                                closed: no component takes a file)
+``PACKFORCING_MAX_UPLOAD_MB``   largest request file Gradio accepts (its   32 (0.001 .. 1,024)
+                                ``max_file_size``): the Replay tab's trace
+                                and video
+``PACKFORCING_UPLOADS``         1: the Replay tab takes uploaded files;    1 (0 or 1)
+                                0: upload route closed (replay of the
+                                shipped examples only)
 ==============================  =========================================  =================
 
 `resolve_model` is the only way a user string becomes a model to load: it accepts the embedded
@@ -61,6 +64,7 @@ JOBS_PER_CLIENT_ENV = "PACKFORCING_JOBS_PER_CLIENT"
 TRUSTED_PROXIES_ENV = "PACKFORCING_TRUSTED_PROXIES"
 MAX_UPLOAD_MB_ENV = "PACKFORCING_MAX_UPLOAD_MB"
 DISK_CAP_MB_ENV = "PACKFORCING_DISK_CAP_MB"
+UPLOADS_ENV = "PACKFORCING_UPLOADS"
 
 DEFAULT_MAX_SECONDS = 120.0
 DEFAULT_MIN_SECONDS = 5.0
@@ -73,7 +77,7 @@ MIN_RUN_TTL_S = 60.0
 DEFAULT_DISK_CAP_MB = 2048.0
 DEFAULT_JOBS_PER_CLIENT = 2
 MAX_TRUSTED_PROXIES = 8
-DEFAULT_MAX_UPLOAD_MB = 1.0
+DEFAULT_MAX_UPLOAD_MB = 32.0  # a 2-minute run's trace + video
 
 EMBEDDED = "embedded"
 # none by default: the one hub model that makes sense for a few-step causal rollout is the named
@@ -152,9 +156,14 @@ def trusted_proxies() -> int:
 
 
 def max_upload_bytes() -> int:
-    """Largest file a request may carry, in bytes (``PACKFORCING_MAX_UPLOAD_MB``, default 1 MiB):
+    """Largest file a request may carry, in bytes (``PACKFORCING_MAX_UPLOAD_MB``, default 32 MiB):
     Gradio's ``max_file_size``."""
     return int(env_number(MAX_UPLOAD_MB_ENV, DEFAULT_MAX_UPLOAD_MB, 0.001, 1024) * 2**20)
+
+
+def uploads_enabled() -> bool:
+    """Whether the Replay tab takes uploaded files (``PACKFORCING_UPLOADS``, default 1)."""
+    return bool(env_number(UPLOADS_ENV, 1, 0, 1, integer=True))
 
 
 def runs_dir() -> Path | None:

@@ -81,3 +81,40 @@ def test_compare_two_policies(client):
     assert set(filled) == {"window", "full"}
     assert all(imageio_ffmpeg.count_frames_and_secs(v)[0] == 77 for v in filled.values())
     assert [row[0] for row in table["data"]] == ["window", "full"]
+
+
+def test_prompt_schedule_through_the_api(client):
+    """Two prompts, re-cached at the switch: the trace records the switch and the run completes."""
+    table = {"headers": ["seconds", "prompt"], "data": [[3, "a blue square bouncing over a white background"]]}
+    out = client.predict(prompt=PROMPT, seconds=5, seed=3, policy="packforcing", schedule=table,
+                         prompt_switch="recache", api_name="/generate")
+    assert "Done" in out[PROGRESS]
+    tables, meta = load_tables(next(p for p in out[TRACE] if p.endswith(".parquet")))
+    assert tables["switches"][["block", "mode"]].values.tolist() == [[3, "recache"]]
+    assert [p["prompt"] for p in meta["prompts"]] == [PROMPT, "a blue square bouncing over a white background"]
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError, match="after the video ends"):
+        client.predict(prompt=PROMPT, seconds=5, schedule=[[9, "a red circle over black"]], api_name="/generate")
+
+
+def test_replay_of_a_shipped_example_and_a_foreign_file(client, tmp_path):
+    """A shipped 2-minute example replays through the API (every panel gets a value); a foreign Parquet
+    file is a clear error and the app keeps serving."""
+    import pandas as pd
+    from gradio_client import handle_file
+    from gradio_client.exceptions import AppError
+
+    from packforcing.studio import replay
+
+    example = replay.examples()[0]
+    out = client.predict(trace=handle_file(example["trace_path"]), video=handle_file(example["video_path"]),
+                         api_name="/replay")
+    assert "Replaying" in out[0] and "120 blocks" in out[0]
+    assert all(value is not None for value in out[3:10])  # occupancy … walk-through
+    foreign = tmp_path / "sales.parquet"
+    pd.DataFrame({"region": ["north"], "revenue": [3.5]}).to_parquet(foreign)
+    with pytest.raises(AppError, match="not a PackForcing trace"):
+        client.predict(trace=handle_file(str(foreign)), video=None, api_name="/replay")
+    out = client.predict(trace=handle_file(example["trace_path"]), video=None, api_name="/replay")
+    assert "no video" in out[0]

@@ -1,7 +1,7 @@
 """Public-Space hardening of the served Studio (issue 16), driven as an outside visitor would: raw
 HTTP (httpx) and gradio_client against the app launched on localhost with a small model.
 
-Per-client queue cap (1), closed upload routes (2), REST callers' preview segments freed (3), runs
+Per-client queue cap (1), capped (or closed) uploads and closed recording (2), REST callers' preview segments freed (3), runs
 of one session side by side and Stop on a queued run (4), HTML in a prompt shown as text (6), no
 server path in an error (7), wrong-typed API values named in the error (9).
 """
@@ -137,16 +137,21 @@ def test_client_address_behind_proxies():
     assert admission.client_address(Req("10.0.0.9", []), 1) == "10.0.0.9"  # no header: the peer
 
 
-# ---- 2. no anonymous uploads ----------------------------------------------------------------------
-def test_upload_routes_are_closed_and_file_size_is_capped(serve):
-    url, _ = serve()
+# ---- 2. uploads: only the Replay tab's files, capped; recording closed ------------------------------
+def test_uploads_are_capped_and_can_be_closed_and_recording_is_closed(serve):
+    url, _ = serve(MAX_UPLOAD_MB_ENV=1)
     assert httpx.get(f"{url}config").json()["max_file_size"] == 2**20  # PACKFORCING_MAX_UPLOAD_MB=1
-    big = os.urandom(32 * 2**20)
-    for route, files in (("upload", {"files": ("x.bin", big)}), ("upload", {"files": ("t.csv", b"a,b\n1,2\n")}),
-                         ("process_recording", {"video": ("v.mp4", b"\0" * 1024)})):
-        r = httpx.post(f"{url}{API}/{route}", files=files, timeout=60)
-        assert r.status_code == 403 and "uploads are closed" in r.json()["detail"], (route, r.status_code)
-    out = client(url).predict(prompt=PROMPT, seconds=1, policy="window", api_name="/generate")
+    r = httpx.post(f"{url}{API}/upload", files={"files": ("t.csv", b"a,b\n1,2\n")}, timeout=60)
+    assert r.status_code == 200  # the Replay tab's trace
+    big = os.urandom(3 * 2**20)
+    r = httpx.post(f"{url}{API}/upload", files={"files": ("x.parquet", big)}, timeout=60)
+    assert r.status_code in (400, 413) and "size" in r.text.lower(), (r.status_code, r.text[:200])
+    r = httpx.post(f"{url}{API}/process_recording", files={"video": ("v.mp4", b"\0" * 1024)}, timeout=60)
+    assert r.status_code == 403 and "recording is closed" in r.json()["detail"]
+    closed_url, _ = serve(MAX_UPLOAD_MB_ENV=1, UPLOADS_ENV=0)
+    r = httpx.post(f"{closed_url}{API}/upload", files={"files": ("t.csv", b"a,b\n1,2\n")}, timeout=60)
+    assert r.status_code == 403 and "uploads are closed" in r.json()["detail"]
+    out = client(closed_url).predict(prompt=PROMPT, seconds=1, policy="window", api_name="/generate")
     assert "Done" in out[0]  # generation needs no upload
 
 
@@ -333,8 +338,9 @@ def test_wrong_typed_values_through_raw_http(serve):
 @pytest.mark.parametrize("env, value, expected", [
     (safety.JOBS_PER_CLIENT_ENV, None, 2), (safety.JOBS_PER_CLIENT_ENV, "5", 5), (safety.JOBS_PER_CLIENT_ENV, "0", 2),
     (safety.JOBS_PER_CLIENT_ENV, "1.5", 2), (safety.TRUSTED_PROXIES_ENV, None, 0), (safety.TRUSTED_PROXIES_ENV, "2", 2),
-    (safety.TRUSTED_PROXIES_ENV, "-1", 0), (safety.MAX_UPLOAD_MB_ENV, None, 2**20),
-    (safety.MAX_UPLOAD_MB_ENV, "16", 16 * 2**20), (safety.MAX_UPLOAD_MB_ENV, "nan", 2**20),
+    (safety.TRUSTED_PROXIES_ENV, "-1", 0), (safety.MAX_UPLOAD_MB_ENV, None, 32 * 2**20),
+    (safety.MAX_UPLOAD_MB_ENV, "16", 16 * 2**20), (safety.MAX_UPLOAD_MB_ENV, "nan", 32 * 2**20),
+    (safety.UPLOADS_ENV, None, True), (safety.UPLOADS_ENV, "0", False), (safety.UPLOADS_ENV, "yes", True),
 ])
 def test_new_limits_come_from_the_environment(env, value, expected, monkeypatch):
     monkeypatch.delenv("SPACE_ID", raising=False)
@@ -342,7 +348,7 @@ def test_new_limits_come_from_the_environment(env, value, expected, monkeypatch)
     if value is not None:
         monkeypatch.setenv(env, value)
     read = {safety.JOBS_PER_CLIENT_ENV: safety.jobs_per_client, safety.TRUSTED_PROXIES_ENV: safety.trusted_proxies,
-            safety.MAX_UPLOAD_MB_ENV: safety.max_upload_bytes}[env]
+            safety.MAX_UPLOAD_MB_ENV: safety.max_upload_bytes, safety.UPLOADS_ENV: safety.uploads_enabled}[env]
     assert read() == expected
 
 

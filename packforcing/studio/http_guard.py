@@ -1,10 +1,11 @@
 """The Studio's HTTP edge on a public Space: an ASGI middleware (`SpaceGuard`, given to Gradio as
 ``launch(app_kwargs={"middleware": ...})``) that
 
-- closes Gradio's upload routes (``/gradio_api/upload``, ``/gradio_api/process_recording``): no
-  Studio input takes a file, so an anonymous upload is refused (403) instead of being stored and
-  served back, or handed to ffmpeg outside the queue (``max_file_size`` caps any other multipart
-  request);
+- closes ``/gradio_api/process_recording`` (no input records media: nothing is handed to ffmpeg
+  outside the queue) and, when ``PACKFORCING_UPLOADS=0``, ``/gradio_api/upload`` too; otherwise the
+  upload route serves the Replay tab's trace and video, each at most ``max_file_size``
+  (``PACKFORCING_MAX_UPLOAD_MB``), stored in Gradio's cache (counted by the disk cap) and read only
+  by the replay handler, which checks them (`packforcing.studio.replay`);
 - notes which sessions hold a keep-alive (heartbeat) connection, so that `release_streams` can free
   the preview segments Gradio keeps for a run whose client cannot fetch them later (a REST caller
   has no heartbeat, and Gradio frees a session's streams only when its heartbeat closes).
@@ -18,9 +19,21 @@ import json
 import threading
 
 API_PREFIX = "/gradio_api"
-CLOSED_ROUTES = (f"{API_PREFIX}/upload", f"{API_PREFIX}/process_recording")
+UPLOAD_ROUTE = f"{API_PREFIX}/upload"
+RECORDING_ROUTE = f"{API_PREFIX}/process_recording"
 HEARTBEAT_ROUTE = f"{API_PREFIX}/heartbeat/"
-CLOSED_MESSAGE = "File uploads are closed on this Space: no input of the Studio takes a file."
+CLOSED_MESSAGE = "File uploads are closed on this Space: the Replay tab replays the shipped examples only."
+RECORDING_MESSAGE = "Media recording is closed on this Space: no input of the Studio records media."
+
+
+def closed_routes() -> dict[str, str]:
+    """Route -> the message of its 403."""
+    from .. import safety
+
+    routes = {RECORDING_ROUTE: RECORDING_MESSAGE}
+    if not safety.uploads_enabled():
+        routes[UPLOAD_ROUTE] = CLOSED_MESSAGE
+    return routes
 
 
 class Heartbeats:
@@ -63,6 +76,7 @@ class SpaceGuard:
     def __init__(self, app, heartbeats: Heartbeats = HEARTBEATS):
         self.app = app
         self.heartbeats = heartbeats
+        self.closed = closed_routes()  # read once, when the app starts
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -71,8 +85,8 @@ class SpaceGuard:
         if served is not None and not hasattr(served.state, _LOOP_ATTR):
             setattr(served.state, _LOOP_ATTR, asyncio.get_running_loop())
         route = _route(scope)
-        if route in CLOSED_ROUTES:
-            return await _refuse(send, 403, CLOSED_MESSAGE)
+        if route in self.closed:
+            return await _refuse(send, 403, self.closed[route])
         if route.startswith(HEARTBEAT_ROUTE):
             session = route[len(HEARTBEAT_ROUTE):]
             self.heartbeats.opened(session)

@@ -16,6 +16,8 @@ from ..cache import POLICIES
 from ..knobs import StudioError, coerce_knob, introspect, policy_compresses, policy_names, shown
 from ..inputs import MAX_PROMPT_CHARS, check_seed  # one prompt limit: the library's
 from ..pipeline import COMPRESSOR_MODES
+from ..sampler import PROMPT_SWITCHES
+from ..schedule import MAX_PROMPTS, PromptSchedule
 from .models import DEFAULT_MODEL, get_pipeline, max_seconds, min_seconds, model_key
 from .runs import MAX_SECONDS_ENV
 
@@ -43,10 +45,20 @@ class RunRequest:
     model: str
     num_blocks: int
     fps: int
+    schedule: tuple[tuple[float, str], ...] = ()  # later prompts: (start second > 0, prompt)
+    prompt_switch: str = "keep"  # at a switch: "keep" the cache or "recache" it
 
     def with_policy(self, policy: str, options: Mapping[str, Any] | None = None) -> RunRequest:
         return validate_request(self.prompt, self.seconds, self.seed, policy, options or {},
-                                self.compressor_mode, self.model)
+                                self.compressor_mode, self.model, schedule=list(self.schedule),
+                                prompt_switch=self.prompt_switch)
+
+    @property
+    def prompts(self):
+        """What the pipeline gets: the prompt, or a `PromptSchedule` when the prompt changes."""
+        if not self.schedule:
+            return self.prompt
+        return PromptSchedule(((0.0, self.prompt), *self.schedule))
 
     @property
     def label(self) -> str:
@@ -94,8 +106,13 @@ def validate_request(
     compressor_mode: str | None = None,
     model: str = DEFAULT_MODEL,
     randomize_seed: bool = False,
+    schedule=None,
+    prompt_switch="keep",
 ) -> RunRequest:
     """Check raw UI values; raise :class:`StudioError` with a clear message on the first bad one.
+
+    ``schedule``: later prompts as rows ``[seconds, prompt]`` (a list, Gradio's table payload or a
+    DataFrame; blank rows are ignored); ``prompt`` is the prompt from 0 s.
 
     ``options`` may hold knobs of other policies (a UI sends all of them): only the knobs the
     chosen policy accepts are kept. The policy is built once (no allocation) so that option
@@ -153,7 +170,60 @@ def validate_request(
         pipe.check_cache_memory(policy, num_blocks, **chosen)
     except (TypeError, ValueError) as err:
         raise StudioError(f"Cache policy {policy!r}: {err}") from None
-    return RunRequest(prompt, seconds, seed, policy, dict(chosen), compressor_mode, model, num_blocks, pipe.fps)
+    later = schedule_rows(schedule)
+    if prompt_switch is None:
+        prompt_switch = "keep"
+    if prompt_switch not in PROMPT_SWITCHES:
+        raise StudioError(f"prompt_switch must be one of {list(PROMPT_SWITCHES)}, got {shown(prompt_switch)}.")
+    if later:
+        try:
+            full = PromptSchedule(((0.0, prompt), *later))
+            full.switch_blocks(pipe.block_starts(num_blocks), seconds)
+        except ValueError as err:
+            raise StudioError(f"Prompt schedule: {err}.") from None
+    return RunRequest(prompt, seconds, seed, policy, dict(chosen), compressor_mode, model, num_blocks, pipe.fps,
+                      tuple(later), prompt_switch)
+
+
+def schedule_rows(value) -> list[tuple[float, str]]:
+    """Rows ``[seconds, prompt]`` of the prompt-schedule table -> [(seconds, prompt)], blank rows dropped.
+    Accepts a list of rows, Gradio's table payload ``{"data": rows, ...}`` or a DataFrame."""
+    if value is None:
+        return []
+    if hasattr(value, "values") and hasattr(value, "columns"):  # a DataFrame
+        value = value.values.tolist()
+    elif isinstance(value, Mapping):
+        value = value.get("data") or []
+    if not isinstance(value, (list, tuple)):
+        raise StudioError(f"The prompt schedule must be a table of [seconds, prompt] rows, got {shown(value)}.")
+    rows = []
+    for number, row in enumerate(value, start=1):
+        if not isinstance(row, (list, tuple)) or len(row) != 2:
+            raise StudioError(f"Prompt schedule row {number} must be [seconds, prompt], got {shown(row)}.")
+        seconds, text = row
+        blank = lambda v: v is None or (isinstance(v, float) and math.isnan(v)) or (isinstance(v, str) and not v.strip())  # noqa: E731
+        if blank(seconds) and blank(text):
+            continue
+        try:
+            if isinstance(seconds, bool):
+                raise TypeError
+            seconds = float(seconds.strip() if isinstance(seconds, str) else seconds)
+        except (TypeError, ValueError):
+            raise StudioError(f"Prompt schedule row {number}: the time must be a number of seconds, got "
+                              f"{shown(seconds)}.") from None
+        if not math.isfinite(seconds) or seconds <= 0:
+            raise StudioError(f"Prompt schedule row {number}: the time must be after 0 s (the prompt above is the "
+                              f"one at 0 s), got {shown(seconds)}.")
+        if not isinstance(text, str) or not text.strip():
+            raise StudioError(f"Prompt schedule row {number}: the prompt is empty.")
+        text = " ".join(text.split())
+        if len(text) > MAX_PROMPT_CHARS:
+            raise StudioError(f"Prompt schedule row {number}: the prompt is too long ({len(text)} characters; at most "
+                              f"{MAX_PROMPT_CHARS}).")
+        rows.append((seconds, text))
+    if len(rows) + 1 > MAX_PROMPTS:
+        raise StudioError(f"The prompt schedule has {len(rows) + 1} prompts; at most {MAX_PROMPTS}.")
+    return sorted(rows)
 
 
 def gpu_duration(seconds: float, per_block: float = GPU_SECONDS_PER_BLOCK, overhead: float = GPU_OVERHEAD_S,

@@ -140,8 +140,68 @@ def toast_text(message) -> str:
 
 
 def summary_frame(update: Update):
-    table = summary_table({update.request.policy: {**update.tables, "meta": update.meta}})
+    return run_summary_frame(update.request.policy, update.tables, update.meta)
+
+
+def run_summary_frame(policy: str, tables, meta):
+    """The one-row summary of a run (live, or a replayed trace)."""
+    table = summary_table({policy: {**tables, "meta": meta}})
     keep = [c for c in ("run", "blocks", "video_seconds", "total_seconds", "mean_block_seconds",
                         "latency_slope_s_per_block", "peak_kv_mb", "peak_context_tokens",
                         "peak_stored_tokens") if c in table]
     return table[keep].round(4)
+
+
+# ---- the mid-token inspector and the teaching view ---------------------------------------------
+AUTO_MID = "auto"  # the heatmap's default mid block: the selected one with the most attention
+
+
+def last_block(tables, block=None) -> int | None:
+    """``block`` clipped to the recorded blocks (None: the latest one); None when nothing is recorded."""
+    blocks = (tables or {}).get("blocks")
+    if blocks is None or not len(blocks):
+        return None
+    latest = int(blocks["block"].max())
+    return latest if block is None else max(0, min(int(block), latest))
+
+
+def _thumbs(view):
+    return (view or {}).get("thumbs") or None
+
+
+def inspector_plot(tables, view=None, block=None, layer="mean"):
+    from analysis.inspector import mid_inspector_figure
+
+    return _fit(mid_inspector_figure(tables or {}, last_block(tables, block), _layer(layer), _thumbs(view)))
+
+
+def heatmap_plot(tables, view=None, block=None, source=AUTO_MID, layer="mean"):
+    from analysis.inspector import mid_token_heatmap_figure
+
+    source = None if source in (None, "", AUTO_MID) else int(source)
+    return _fit(mid_token_heatmap_figure(tables or {}, last_block(tables, block), source, _layer(layer),
+                                         _thumbs(view)))
+
+
+def mid_block_choices(tables, block=None, layer="mean") -> list[tuple[str, str]]:
+    """Choices of the heatmap's mid block: "most attention", then every mid block selected at ``block``."""
+    block = last_block(tables, block)
+    scores = (tables or {}).get("scores")
+    choices = [("most attention", AUTO_MID)]
+    if block is None or scores is None or not len(scores):
+        return choices
+    rows = scores[(scores["block"] == block) & scores["selected"]]
+    if _layer(layer) is not None:
+        rows = rows[rows["layer"] == _layer(layer)]
+    for source in sorted(rows["candidate"].unique()):
+        choices.append((f"mid block {int(source)}", str(int(source))))
+    return choices
+
+
+def story_markdown(tables, view=None, block=None) -> str:
+    from analysis.teaching import block_story
+
+    block = last_block(tables, block)
+    if block is None:
+        return "*The walk-through of a block appears here once a block has been generated (or a trace replayed).*"
+    return block_story(tables or {}, (view or {}).get("meta") or {}, block)

@@ -63,8 +63,8 @@ def device_stream(request: RunRequest) -> Iterator[DeviceBlock]:
     if pipe.transformer.device.type != device:
         pipe.to(device)
     recorder = TraceRecorder()
-    blocks = pipe.stream(request.prompt, request.seconds, request.policy, request.seed, recorder,
-                         request.compressor_mode, **request.options)
+    blocks = pipe.stream(request.prompts, request.seconds, request.policy, request.seed, recorder,
+                         request.compressor_mode, prompt_switch=request.prompt_switch, **request.options)
     try:
         for block in blocks:
             delta = recorder.new_rows()  # this block's rows only (not every table rebuilt)
@@ -102,6 +102,16 @@ class TableAccumulator:
         return dict(self._cache)
 
 
+THUMBNAIL_WIDTH = 128  # pixels, at most
+
+
+def block_thumbnail(frames: np.ndarray) -> np.ndarray:
+    """The middle frame of a block's frames [n, H, W, 3], subsampled to at most `THUMBNAIL_WIDTH` wide."""
+    frame = frames[len(frames) // 2]
+    step = max(1, -(-frame.shape[1] // THUMBNAIL_WIDTH))
+    return np.ascontiguousarray(frame[::step, ::step])
+
+
 # ---- the worker --------------------------------------------------------------------------------
 @dataclasses.dataclass
 class Update:
@@ -123,6 +133,7 @@ class Update:
     trace_files: list[Path] = dataclasses.field(default_factory=list)
     stopped: bool = False
     message: str | None = None
+    thumbnails: dict[int, np.ndarray] = dataclasses.field(default_factory=dict)  # block -> uint8 [h, w, 3]
 
     @property
     def final(self) -> bool:
@@ -208,6 +219,7 @@ class GenerationWorker:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.final: Update | None = None
+        self.thumbnails: dict[int, np.ndarray] = {}  # block -> thumbnail of its frames (the inspector's)
 
     # -- control -------------------------------------------------------------------------------
     def start(self) -> GenerationWorker:
@@ -303,6 +315,7 @@ class GenerationWorker:
                 try:
                     for item in gen:
                         frames.append(item.frames)
+                        self.thumbnails[item.index] = block_thumbnail(item.frames)
                         tables.add(item.tables)
                         meta = item.meta or meta
                         segment = None
@@ -315,7 +328,8 @@ class GenerationWorker:
                             "block", blocks_done=item.index + 1, frames_done=sum(len(f) for f in frames),
                             video_seconds=sum(len(f) for f in frames) / req.fps, elapsed=time.perf_counter() - t0,
                             kv_bytes=int(blocks["kv_bytes"].iloc[-1]) if len(blocks) else None,
-                            segment=segment, last_frame=item.frames[-1], tables=snapshot, meta=meta, **base))
+                            segment=segment, last_frame=item.frames[-1], tables=snapshot, meta=meta,
+                            thumbnails=dict(self.thumbnails), **base))
                         if self._stop.is_set():
                             stopped = item.index + 1 < req.num_blocks
                             break
@@ -347,7 +361,8 @@ class GenerationWorker:
         return Update(kind, blocks_done=len(frames), frames_done=n, video_seconds=n / self.request.fps,
                       elapsed=elapsed, kv_bytes=int(blocks["kv_bytes"].iloc[-1]) if len(blocks) else None,
                       last_frame=frames[-1][-1] if frames else None, tables=snapshot, meta=meta, video=video,
-                      trace_files=trace_files, stopped=stopped, message=message, **base)
+                      trace_files=trace_files, stopped=stopped, message=message,
+                      thumbnails=dict(self.thumbnails), **base)
 
 
 def run_generation(request: RunRequest, run_dir: str | Path | None = None, **kwargs) -> Update:
