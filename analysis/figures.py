@@ -50,6 +50,18 @@ def _empty_figure(title: str, message: str) -> go.Figure:
     return fig
 
 
+def mark_switches(fig: go.Figure, switches: pd.DataFrame | None, x_of_block=lambda b: b) -> go.Figure:
+    """A dashed vertical line at each prompt switch (``switches`` table), labelled "prompt i (mode)";
+    ``x_of_block`` maps a block index to the figure's x. No table: the figure unchanged."""
+    if not _usable(switches, ["block", "prompt_index", "mode"]):
+        return fig
+    for row in switches.itertuples(index=False):
+        fig.add_vline(x=x_of_block(int(row.block)) - 0.5, line=dict(color="#444444", dash="dash", width=1.5),
+                      annotation_text=f"prompt {int(row.prompt_index)} ({row.mode})", annotation_position="top",
+                      annotation_font_size=10)
+    return fig
+
+
 def _segments(starts, ends, texts):
     """x values [start, end, None, ...] (and matching hover texts): many segments, one trace."""
     xs, ts = [], []
@@ -61,7 +73,7 @@ def _segments(starts, ends, texts):
 
 # ---- cache occupancy ----------------------------------------------------------------------
 def cache_occupancy_figure(occupancy_df: pd.DataFrame | None, layer: int | None = None,
-                           unit: str = "tokens") -> go.Figure:
+                           unit: str = "tokens", switches: pd.DataFrame | None = None) -> go.Figure:
     """Stacked areas of KV tokens (or MB) per partition over generation steps.
 
     x = block * S + step with S = steps per block incl. the commit pass (inferred from the
@@ -104,12 +116,12 @@ def cache_occupancy_figure(occupancy_df: pd.DataFrame | None, layer: int | None 
                       xaxis=dict(title=dict(text=f"generation step (block × {per_block} + step)")),
                       yaxis=dict(title=dict(text="KV cache (tokens)" if unit == "tokens"
                                             else "KV cache (MB = 2^20 bytes)")))
-    return fig
+    return mark_switches(fig, switches, lambda b: b * per_block + 0.5)
 
 
 # ---- top-k scores ----------------------------------------------------------------------------
 def topk_heatmap_figure(scores_df: pd.DataFrame | None, layer: int | None = None, fps: float = 16,
-                        frames_per_latent: int = 4) -> go.Figure:
+                        frames_per_latent: int = 4, switches: pd.DataFrame | None = None) -> go.Figure:
     """Heatmap of mid-block scores: x = generation block, y = mid block, selected cells marked.
 
     Hover gives the mid block's time range in the video: latent frame f ≈ pixel frame
@@ -162,7 +174,7 @@ def topk_heatmap_figure(scores_df: pd.DataFrame | None, layer: int | None = None
     fig.update_layout(title=dict(text=title), legend=dict(orientation="h", y=-0.15),
                       xaxis=dict(title=dict(text="generation block")),
                       yaxis=dict(title=dict(text="mid block (source block, by origin time)")))
-    return fig
+    return mark_switches(fig, switches)
 
 
 # ---- RoPE positions --------------------------------------------------------------------------
@@ -223,7 +235,7 @@ def rope_position_figure(positions_df: pd.DataFrame | None, block: int | None = 
 
 # ---- latency and memory ----------------------------------------------------------------------
 def latency_memory_figure(blocks_df: pd.DataFrame | None,
-                          timing_df: pd.DataFrame | None = None) -> go.Figure:
+                          timing_df: pd.DataFrame | None = None, switches: pd.DataFrame | None = None) -> go.Figure:
     """Seconds per block (stacked phases when ``timing_df`` is given) and KV MB (right axis).
 
     Both curves should be flat for a bounded cache. "other" = block seconds not covered by
@@ -270,7 +282,7 @@ def latency_memory_figure(blocks_df: pd.DataFrame | None,
     fig.update_yaxes(title=dict(text="seconds per block"), secondary_y=False, rangemode="tozero")
     fig.update_yaxes(title=dict(text="memory (MB = 2^20 bytes)"), secondary_y=True,
                      rangemode="tozero")
-    return fig
+    return mark_switches(fig, switches)
 
 
 def compare_figure(blocks_by_policy: Mapping[str, pd.DataFrame] | None) -> go.Figure:
@@ -324,3 +336,9 @@ def summary_table(tables) -> pd.DataFrame:
     if not rows:
         return pd.DataFrame({"run": pd.Series([], dtype="str")})
     return pd.DataFrame(rows)
+
+
+if __name__ == "__main__":  # python -m analysis.figures TRACE --out DIR (see analysis.panels)
+    from analysis.panels import main
+
+    raise SystemExit(main())

@@ -61,18 +61,18 @@ def make(name, label, policy, prompt, switch, pipe, out: Path, seconds: float = 
     frames, t0 = [], time.perf_counter()
     for block in pipe.stream(prompt, seconds, policy, SEED, recorder, prompt_switch=switch):
         frames.append(to_uint8(block.pixels))
-    seconds = time.perf_counter() - t0
+    elapsed = time.perf_counter() - t0
     folder = out / name
     folder.mkdir(parents=True, exist_ok=True)
     write_video(np.concatenate(frames), folder / "video.mp4", fps=pipe.fps, quality=5)  # small files
     recorder.meta.update(example=name)
     recorder.save(folder / "trace.parquet")
     size = sum(f.stat().st_size for f in folder.iterdir())
-    print(f"{name}: {len(frames)} blocks in {seconds:.1f} s, {size / 2**20:.2f} MiB", flush=True)
+    print(f"{name}: {len(frames)} blocks in {elapsed:.1f} s, {size / 2**20:.2f} MiB", flush=True)
     schedule = prompt if isinstance(prompt, PromptSchedule) else PromptSchedule.single(prompt)
     return dict(name=name, label=label, policy=policy, prompts=schedule.to_text(), prompt_switch=switch or "keep",
                 seed=SEED, seconds=seconds, video=f"{name}/video.mp4", trace=f"{name}/trace.parquet", bytes=size,
-                generation_seconds=round(seconds, 1))
+                generation_seconds=round(elapsed, 1))
 
 
 def main(argv=None) -> int:

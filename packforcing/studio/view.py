@@ -102,11 +102,13 @@ def _fit(fig):
 
 
 def occupancy_plot(tables, layer="mean", unit="tokens"):
-    return _fit(cache_occupancy_figure((tables or {}).get("occupancy"), _layer(layer), unit))
+    tables = tables or {}
+    return _fit(cache_occupancy_figure(tables.get("occupancy"), _layer(layer), unit, switches=tables.get("switches")))
 
 
 def topk_plot(tables, layer="mean", fps=16):
-    fig = _fit(topk_heatmap_figure((tables or {}).get("scores"), _layer(layer), fps=fps))
+    tables = tables or {}
+    fig = _fit(topk_heatmap_figure(tables.get("scores"), _layer(layer), fps=fps, switches=tables.get("switches")))
     heat = next((t for t in fig.data if t.type == "heatmap"), None)
     if heat is not None:  # block indices are integers: no 3.6, 3.8, … ticks on short runs
         for axis, values in (("xaxis", heat.x), ("yaxis", heat.y)):
@@ -124,7 +126,7 @@ def rope_plot(tables, block=None, layer="0"):
 
 def latency_plot(tables):
     tables = tables or {}
-    return _fit(latency_memory_figure(tables.get("blocks"), tables.get("timing")))
+    return _fit(latency_memory_figure(tables.get("blocks"), tables.get("timing"), tables.get("switches")))
 
 
 def compare_frame(results: dict[str, Update]):
