@@ -307,7 +307,7 @@ def build_demo() -> gr.Blocks:
                 with gr.Accordion("Prompt schedule: change the prompt mid-video", open=False):
                     schedule = gr.Dataframe(
                         value=[[None, ""]], headers=["seconds", "prompt"], datatype=["number", "str"], row_count=1,
-                        row_limits=(1, 15), column_count=2, column_limits=(2, 2), interactive=True,
+                        column_count=2, interactive=True,
                         label="Later prompts (the prompt above plays from 0 s)", elem_id="pf-schedule")
                     prompt_switch = gr.Radio(
                         [("keep the cache", "keep"), ("re-cache under the new prompt", "recache")], value="keep",

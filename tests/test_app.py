@@ -90,12 +90,13 @@ def test_prompt_schedule_through_the_api(client):
                          prompt_switch="recache", api_name="/generate")
     assert "Done" in out[PROGRESS]
     tables, meta = load_tables(next(p for p in out[TRACE] if p.endswith(".parquet")))
-    assert tables["switches"][["block", "mode"]].values.tolist() == [[3, "recache"]]
+    assert tables["switches"][["block", "mode"]].values.tolist() == [[4, "recache"]]  # 3 s: block 4 starts at 3.81 s
     assert [p["prompt"] for p in meta["prompts"]] == [PROMPT, "a blue square bouncing over a white background"]
     from gradio_client.exceptions import AppError
 
     with pytest.raises(AppError, match="after the video ends"):
-        client.predict(prompt=PROMPT, seconds=5, schedule=[[9, "a red circle over black"]], api_name="/generate")
+        client.predict(prompt=PROMPT, seconds=5, schedule={"headers": ["seconds", "prompt"], "data": [[9, "a red circle"]]},
+                       api_name="/generate")
 
 
 def test_replay_of_a_shipped_example_and_a_foreign_file(client, tmp_path):
