@@ -44,7 +44,7 @@ class Panels:
         gr.Markdown("## Cache analysis (updated every block)")
         with gr.Row():
             with gr.Column():
-                self.occ_plot = gr.Plot(occupancy_plot(None), label="Cache occupancy")
+                self.occ_plot = gr.Plot(occupancy_plot(None), label="Cache occupancy", elem_id="pf-occupancy")
                 with gr.Row():
                     self.occ_layer = gr.Dropdown(layers, value="mean", label="Layer")
                     self.occ_unit = gr.Radio(["tokens", "MB"], value="tokens", label="Unit")
@@ -62,10 +62,10 @@ class Panels:
             with gr.Column():
                 self.latency = gr.Plot(latency_plot(None), label="Latency and memory per block")
         gr.Markdown("## Mid-token inspector: which compressed mid blocks are kept, and what they hold")
-        self.inspector = gr.Plot(inspector_plot(None), label="Mid blocks of the generation block")
+        self.inspector = gr.Plot(inspector_plot(None), label="Mid blocks of the generation block", elem_id="pf-inspector")
         with gr.Row():
             with gr.Column():
-                self.heatmap = gr.Plot(heatmap_plot(None), label="Attention on a mid block's tokens")
+                self.heatmap = gr.Plot(heatmap_plot(None), label="Attention on a mid block's tokens", elem_id="pf-heatmap")
                 self.mid_block = gr.Dropdown([("most attention", AUTO_MID)], value=AUTO_MID, label="Mid block",
                                              info="one of the mid blocks selected at this generation block")
             with gr.Column(elem_id="pf-story"):
