@@ -16,7 +16,6 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no network calls o
 # studio imports `spaces` before torch, as ZeroGPU requires.
 from packforcing import safety, studio  # noqa: E402, I001
 
-import functools  # noqa: E402
 import html  # noqa: E402
 import inspect  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -24,11 +23,12 @@ from pathlib import Path  # noqa: E402
 import gradio as gr  # noqa: E402
 
 import app_panels
+import app_replay
 from analysis.figures import compare_figure
-from packforcing.studio import admission, http_guard, replay  # Gradio's queue and HTTP edge on a public Space
+from packforcing.studio import admission, http_guard  # Gradio's queue and HTTP edge on a public Space
 from packforcing.studio.view import (  # the page's HTML and figures (no Gradio)
-    CSS, IDLE, POLICY_NOTES, compare_frame, load_examples, model_note, progress_html, run_summary_frame,
-    summary_frame, toast_text, update_html,
+    CSS, IDLE, POLICY_NOTES, compare_frame, load_examples, model_note, progress_html, summary_frame, toast_text,
+    update_html,
 )
 from packforcing.studio.models import model_description
 
@@ -112,36 +112,6 @@ def _generate(request: gr.Request, *values):
         worker.stop()
         studio.RUNS.unregister(key, worker)
         http_guard.release_streams(request)
-
-
-def _replay_result(loaded: replay.Replay, fps: int):
-    """What a loaded replay shows: status, video, summary, and every panel at its last block."""
-    view = {"meta": loaded.meta, "thumbs": loaded.thumbnails}
-    summary = run_summary_frame(loaded.meta.get("policy") or "run", loaded.tables, loaded.meta)
-    status = progress_html(1.0, f"Replaying {loaded.name}: {loaded.blocks} blocks, "
-                                f"{loaded.tables['blocks']['video_seconds'].sum():.1f} s of video"
-                                + ("" if loaded.video else " (no video: no thumbnails)"))
-    return (status, str(loaded.video) if loaded.video else None, summary,
-            *app_panels.render(loaded.tables, view, None, fps=fps))
-
-
-def replay_files(trace, video):
-    """Replay an uploaded trace (and its video) in every panel, without a model."""
-    studio.cleanup_runs()  # uploads count against the disk cap
-    try:
-        loaded = replay.load_replay(trace, video)
-    except replay.ReplayError as err:
-        raise gr.Error(toast_text(err), title="Cannot replay this file") from None
-    return _replay_result(loaded, int(loaded.meta.get("fps") or 16))
-
-
-def replay_example(name):
-    """Replay a shipped instant example (a 2-minute run of the embedded model)."""
-    try:
-        loaded = replay.load_example(name)
-    except replay.ReplayError as err:
-        raise gr.Error(toast_text(err), title="Cannot replay this example") from None
-    return _replay_result(loaded, int(loaded.meta.get("fps") or 16))
 
 
 def _compare(request: gr.Request, *values):
@@ -372,27 +342,7 @@ def build_demo() -> gr.Blocks:
                         compare_plot = gr.Plot(compare_figure(None), label="Memory and latency per block")
                         compare_table = gr.Dataframe(label="Summary per policy", interactive=False)
                     with gr.Tab("Replay"):
-                        gr.Markdown("Replay a finished run in every panel below, without a model: pick an instant "
-                                    "example (2-minute runs of the embedded model, same prompt and seed) or load "
-                                    "a trace a run wrote (trace.parquet, with its video.mp4 for thumbnails).",
-                                    elem_classes="pf-note")
-                        example_buttons = []
-                        shipped = replay.examples()
-                        if shipped:
-                            with gr.Row(elem_id="pf-examples"):
-                                for entry in shipped:
-                                    button = gr.Button(entry["label"], size="sm")
-                                    example_buttons.append((entry["name"], button))
-                        with gr.Row():
-                            replay_trace = gr.File(label="Trace (.parquet, .csv or .json)", type="filepath",
-                                                   file_types=list(replay.TRACE_SUFFIXES), height=120)
-                            replay_video = gr.File(label="Its video (.mp4, optional)", type="filepath",
-                                                   file_types=[".mp4"], height=120)
-                        replay_btn = gr.Button("Replay files", variant="primary",
-                                               interactive=safety.uploads_enabled())
-                        replay_status = gr.HTML(progress_html(0, "Nothing replayed yet."))
-                        replay_player = gr.Video(label="Replayed video", interactive=False, height=260)
-                        replay_summary = gr.Dataframe(label="Run summary", interactive=False)
+                        replay_tab = app_replay.ReplayTab()
 
         panels = app_panels.Panels(layers, pipe.fps, ttl)
         occ_layer, occ_unit, topk_layer, rope_layer = panels.occ_layer, panels.occ_unit, panels.topk_layer, \
@@ -421,12 +371,7 @@ def build_demo() -> gr.Blocks:
         for button in (stop_btn, compare_stop):
             button.click(stop, None, None, api_name="stop", concurrency_limit=None,
                          api_visibility="public" if button is stop_btn else "private")
-        replay_outputs = [replay_status, replay_player, replay_summary, *panels.outputs]
-        replay_btn.click(replay_files, [replay_trace, replay_video], replay_outputs, api_name="replay",
-                         concurrency_id="replay", concurrency_limit=2)
-        for name, button in example_buttons:
-            button.click(functools.partial(replay_example, name), None, replay_outputs, api_visibility="private",
-                         concurrency_id="replay", concurrency_limit=2)
+        replay_tab.wire(panels)
         panels.wire()
         demo.unload(on_unload)
     demo.queue(default_concurrency_limit=concurrency, max_size=safety.queue_size())
