@@ -21,6 +21,8 @@ from typing import Any
 
 import pandas as pd
 
+from .trace_schema import SCHEMA
+
 FORMAT = "packforcing-trace"
 VERSION = 2
 EXTENSIONS = (".parquet", ".csv", ".json")
@@ -31,8 +33,6 @@ class TraceFormatError(ValueError):
 
 
 def _schema():
-    from .trace import SCHEMA  # the tables' contract lives with the recorder
-
     return SCHEMA
 
 

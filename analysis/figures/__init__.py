@@ -336,9 +336,3 @@ def summary_table(tables) -> pd.DataFrame:
     if not rows:
         return pd.DataFrame({"run": pd.Series([], dtype="str")})
     return pd.DataFrame(rows)
-
-
-if __name__ == "__main__":  # python -m analysis.figures TRACE --out DIR (see analysis.panels)
-    from analysis.panels import main
-
-    raise SystemExit(main())
