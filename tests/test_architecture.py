@@ -343,6 +343,10 @@ def test_gpu_duration_uses_the_models_blocks():
     long = dataclasses.replace(short, num_blocks=40)  # e.g. 3-frame blocks at a lower fps
     assert studio._request_duration(long) > studio._request_duration(short)
     assert studio._request_duration(short) == studio.gpu_duration(10)
+    switched = dataclasses.replace(long, schedule=((15.0, "q"),))
+    assert studio._request_duration(switched) == studio._request_duration(long)  # keep: no extra pass
+    recached = dataclasses.replace(switched, prompt_switch="recache")  # 20 commit passes ~ 5 blocks more
+    assert studio._request_duration(recached) == studio.blocks_gpu_duration(45)
 
 
 def test_compressed_token_time_centres_follow_the_branch():

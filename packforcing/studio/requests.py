@@ -242,8 +242,16 @@ def blocks_gpu_duration(blocks: int, per_block: float = GPU_SECONDS_PER_BLOCK, o
     return int(min(GPU_MAX_DURATION_S, math.ceil(overhead + blocks * per_block * GPU_MARGIN)))
 
 
+COMMIT_PASS_SHARE = 0.25  # a re-cached block costs one commit pass: about a quarter of a block (4 steps + commit)
+
+
 def _request_duration(request: RunRequest, *args, **kwargs) -> int:
-    return blocks_gpu_duration(request.num_blocks)  # the model's own blocks (its fps, VAE ratio, block size)
+    """The model's own blocks (its fps, VAE ratio, block size), plus the commit passes re-caching
+    re-runs at each switch (one per block before it)."""
+    blocks = float(request.num_blocks)
+    if request.prompt_switch == "recache":
+        blocks += sum(COMMIT_PASS_SHARE * request.num_blocks * t / request.seconds for t, _ in request.schedule)
+    return blocks_gpu_duration(math.ceil(blocks))
 
 
 VIEW_UNITS = ("tokens", "MB")
