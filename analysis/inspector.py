@@ -19,16 +19,11 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from analysis.figures import _empty_figure
+
 SELECTED, DROPPED = "#ff7f0e", "#9e9e9e"
 MAX_SHOWN = 32  # candidates drawn (the best by score; the rest are counted in the title)
 PER_ROW = 8
-
-
-def _empty(title: str, message: str) -> go.Figure:
-    fig = go.Figure()
-    fig.add_annotation(text=message, x=0.5, y=0.5, xref="paper", yref="paper", showarrow=False, font=dict(size=14))
-    fig.update_layout(title=dict(text=title), xaxis=dict(visible=False), yaxis=dict(visible=False))
-    return fig
 
 
 def _table(tables, name) -> pd.DataFrame | None:
@@ -87,10 +82,10 @@ def mid_inspector_figure(tables: Mapping | None, block: int | None, layer: int |
     where = "mean over layers" if layer is None else f"layer {layer}"
     title = f"Mid blocks at generation block {block} ({where})"
     if block is None:
-        return _empty("Mid-token inspector", "No block generated (or replayed) yet.")
+        return _empty_figure("Mid-token inspector", "No block generated (or replayed) yet.")
     cands = candidates(tables, block, layer)
     if not len(cands):
-        return _empty(title, "No mid blocks at this block: the policy keeps no compressed mid blocks, "
+        return _empty_figure(title, "No mid blocks at this block: the policy keeps no compressed mid blocks, "
                              "or none were archived yet.")
     total, chosen = len(cands), int(cands["selected"].sum())
     shown = cands if total <= MAX_SHOWN else cands.nsmallest(MAX_SHOWN, "rank").sort_values("candidate")
@@ -169,15 +164,15 @@ def mid_token_heatmap_figure(tables: Mapping | None, block: int | None, source_b
     the thumbnail of the source frames. ``source_block=None``: the selected one with the most mass."""
     title = "Attention on a mid block's compressed tokens"
     if block is None:
-        return _empty(title, "No block generated (or replayed) yet.")
+        return _empty_figure(title, "No block generated (or replayed) yet.")
     if source_block is None:
         source_block = busiest_mid_block(tables, block, layer)
         if source_block is None:
-            return _empty(title, f"No selected mid block at generation block {block}: nothing attended in the "
+            return _empty_figure(title, f"No selected mid block at generation block {block}: nothing attended in the "
                                  "mid partition (or this policy keeps none).")
     mass = token_mass(tables, block, source_block, layer)
     if not len(mass):
-        return _empty(title, f"Mid block {source_block} was not selected at generation block {block}"
+        return _empty_figure(title, f"Mid block {source_block} was not selected at generation block {block}"
                              + ("" if layer is None else f", layer {layer}") + ".")
     grid_t = int(mass["token_t"].max()) + 1
     grid_h, grid_w = int(mass["token_y"].max()) + 1, int(mass["token_x"].max()) + 1

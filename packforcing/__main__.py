@@ -101,7 +101,6 @@ def policy_options(args) -> dict:
     return {name: getattr(args, name) for name in policy_fields() if getattr(args, name, None) is not None}
 
 
-TRACE_SUFFIXES = (".parquet", ".csv", ".json")
 
 
 def _fail(message: str, code: int = 2) -> int:
@@ -131,11 +130,13 @@ def check_paths(args) -> str | None:
     if out.suffix.lower() != ".mp4":
         return f"--out {args.out!r} must end in .mp4"
     if args.trace is not None:
+        from .trace_io import EXTENSIONS as TRACE_EXTENSIONS
+
         trace = Path(args.trace)
         if trace.is_dir():
             return f"--trace {args.trace!r} is a directory"
-        if trace.suffix.lower() not in TRACE_SUFFIXES:
-            return f"--trace {args.trace!r} must end in one of {', '.join(TRACE_SUFFIXES)}"
+        if trace.suffix.lower() not in TRACE_EXTENSIONS:
+            return f"--trace {args.trace!r} must end in one of {', '.join(TRACE_EXTENSIONS)}"
     if args.max_seconds is not None and not (math.isfinite(args.max_seconds) and args.max_seconds > 0):
         return f"--max-seconds must be a positive number, got {args.max_seconds}"
     return _unwritable("--out", args.out) or (_unwritable("--trace", args.trace) if args.trace else None)

@@ -26,7 +26,7 @@ from .configs import TINY
 from .devices import available_memory
 from .inputs import MAX_PROMPT_CHARS, check_prompt, check_seed  # noqa: F401  (re-exported)
 from .model import CausalWanTransformer
-from .sampler import SamplerConfig, added_frames, generate_blocks
+from .sampler import SamplerConfig, block_frame_ranges, generate_blocks
 from .schedule import PromptSchedule
 from .vae import WanVAE, tiny_vae_config
 from .video import to_uint8, write_video  # noqa: F401  (re-exported)
@@ -327,11 +327,8 @@ class Pipeline:
 
     def block_starts(self, num_blocks: int) -> list[float]:
         """Seconds of video before each block (block 0 starts at 0)."""
-        starts, total = [], 0.0
-        for block in range(num_blocks):
-            starts.append(total)
-            total += added_frames(block, self.block_frames, self.vae.temporal_ratio) / self.fps
-        return starts
+        return [start / self.fps for start, _ in block_frame_ranges(num_blocks, self.block_frames,
+                                                                    self.vae.temporal_ratio)]
 
     def generate(self, prompt: str, seconds: float = 5.0, **kwargs) -> np.ndarray:
         """Whole video as uint8 [T, H, W, 3]."""

@@ -266,6 +266,16 @@ def added_frames(block: int, block_frames: int, temporal_ratio: int = 4) -> int:
     return temporal_ratio * block_frames - ((temporal_ratio - 1) if block == 0 else 0)
 
 
+def block_frame_ranges(num_blocks: int, block_frames: int, temporal_ratio: int = 4) -> list[tuple[int, int]]:
+    """Pixel frames [start, end) of each of ``num_blocks`` blocks in the video (see `added_frames`)."""
+    ranges, start = [], 0
+    for block in range(num_blocks):
+        end = start + added_frames(block, block_frames, temporal_ratio)
+        ranges.append((start, end))
+        start = end
+    return ranges
+
+
 def _added_seconds(block: int, block_frames: int, fps: float, temporal_ratio: int) -> float:
     """Seconds of video a block adds (see `added_frames`)."""
     return added_frames(block, block_frames, temporal_ratio) / fps

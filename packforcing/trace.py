@@ -22,7 +22,7 @@ from .trace_io import FORMAT, VERSION, TraceFormatError, load_tables, save_table
 from .trace_schema import PARTITIONS, PHASES, SCHEMA, TABLES  # noqa: F401  (re-exported)
 
 #: tables recorded as one call per (block, layer) with per-row lists, expanded when built
-_COLUMNAR = {"scores": 2, "mid_attention": 2}
+_COLUMNAR = frozenset({"scores", "mid_attention"})
 
 
 def empty_tables() -> dict[str, pd.DataFrame]:

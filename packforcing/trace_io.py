@@ -32,10 +32,6 @@ class TraceFormatError(ValueError):
     """The file is not a readable trace of this project (the message says why)."""
 
 
-def _schema():
-    return SCHEMA
-
-
 _NULLABLE = {"int64": "Int64", "Int64": "Int64", "bool": "boolean", "float64": "float64", "str": "str"}
 
 
@@ -50,13 +46,13 @@ def _json_default(o: Any):
 
 
 def _frame(name: str) -> pd.DataFrame:
-    cols = _schema()[name]
+    cols = SCHEMA[name]
     return pd.DataFrame({c: pd.Series([], dtype=object) for c in cols}).astype(cols)
 
 
 def _long_dtypes() -> dict[str, str]:
     dtypes = {"table": "str"}
-    for cols in _schema().values():
+    for cols in SCHEMA.values():
         dtypes.update({c: _NULLABLE[d] for c, d in cols.items()})
     dtypes["meta"] = "str"
     return dtypes
@@ -66,7 +62,7 @@ def _long_frame(tables: Mapping[str, pd.DataFrame], meta: Mapping) -> pd.DataFra
     """All tables stacked in one frame: ``table`` column + union of columns + ``meta`` row."""
     dtypes = _long_dtypes()
     header = json.dumps({"format": FORMAT, "version": VERSION, "meta": dict(meta)}, default=_json_default)
-    parts = [pd.DataFrame({"table": ["meta"], "meta": [header]})] + [tables[n].assign(table=n) for n in _schema()]
+    parts = [pd.DataFrame({"table": ["meta"], "meta": [header]})] + [tables[n].assign(table=n) for n in SCHEMA]
     return pd.concat([p.reindex(columns=list(dtypes)).astype(dtypes) for p in parts], ignore_index=True)
 
 
@@ -97,11 +93,11 @@ def _from_long(long: pd.DataFrame, path: Path) -> tuple[dict[str, pd.DataFrame],
     else:  # version 1: the meta row is the meta itself
         meta = header
     known = set(long["table"].dropna().unique()) - {"meta"}
-    unknown = known - set(_schema())
+    unknown = known - set(SCHEMA)
     if unknown:
         raise TraceFormatError(f"{path.name} is not a PackForcing trace: unknown tables {sorted(unknown)}")
     tables = {}
-    for name, cols in _schema().items():
+    for name, cols in SCHEMA.items():
         sub = long.loc[long["table"] == name]
         missing = [c for c in cols if c not in long.columns]
         if missing and len(sub):
@@ -135,7 +131,7 @@ def save_tables(tables: Mapping[str, pd.DataFrame], path, meta: Mapping | None =
     suffix = _suffix(path)
     meta = json.loads(json.dumps(dict(meta or {}), default=_json_default))
     tables = {name: (tables[name] if name in tables else _frame(name)).astype(cols)
-              for name, cols in _schema().items()}
+              for name, cols in SCHEMA.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     if suffix == ".parquet":
         _long_frame(tables, meta).to_parquet(path, index=False)
@@ -176,7 +172,7 @@ def _from_json(doc, path: Path) -> tuple[dict[str, pd.DataFrame], dict]:
         raise TraceFormatError(f"{path.name} is not a {FORMAT} file")
     _check_version(doc.get("version"), path)
     tables = {}
-    for name, cols in _schema().items():
+    for name, cols in SCHEMA.items():
         data = (doc.get("tables") or {}).get(name, {})
         try:
             df = pd.DataFrame({c: pd.Series(data.get(c, []), dtype=object) for c in cols})

@@ -32,6 +32,35 @@ def tiny_model():
     return model
 
 
+def record_forward_calls(model) -> list[dict]:
+    """Wrap ``model.forward_block`` to record each call's inputs and output (x, t, step, t_start, commit,
+    out); ``del model.forward_block`` restores it."""
+    calls, original = [], model.forward_block
+
+    def wrapped(x, t, text, context, step, t_start, **kw):
+        out = original(x, t, text, context, step=step, t_start=t_start, **kw)
+        calls.append(dict(x=x.clone(), t=t.clone(), step=step, t_start=t_start, commit=kw.get("commit", False),
+                          out=out.clone()))
+        return out
+
+    model.forward_block = wrapped
+    return calls
+
+
+def teacher_forcing_layout(num_blocks: int, block_frames: int):
+    """The one-pass reference of cached generation: frames [clean blocks | noisy blocks], mask [2F, 2F]
+    (clean block-causal; noisy block i sees clean blocks < i and itself) and positions [2F] (0..F-1 twice)."""
+    from packforcing.model import block_causal_mask
+
+    frames = num_blocks * block_frames
+    block_of = torch.arange(frames) // block_frames
+    mask = torch.zeros(2 * frames, 2 * frames, dtype=torch.bool)
+    mask[:frames, :frames] = block_causal_mask(frames, block_frames)
+    mask[frames:, :frames] = block_of[None, :] < block_of[:, None]
+    mask[frames:, frames:] = block_of[None, :] == block_of[:, None]
+    return mask, torch.cat([torch.arange(frames), torch.arange(frames)]).double()
+
+
 def tiny_geometry(block_frames=4, frame_hw=(2, 3), layers=2, heads=4, head_dim=32) -> CacheGeometry:
     return CacheGeometry(layers, heads, head_dim, block_frames, frame_hw)
 

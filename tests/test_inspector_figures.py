@@ -87,7 +87,8 @@ def test_heatmap_z_is_the_recorded_mass_on_the_grid(run):
 
 
 def test_thumbnails_come_from_the_middle_frame_of_each_block(tmp_path, run):
-    from packforcing.studio.replay import block_frame_ranges, video_thumbnails
+    from packforcing.sampler import block_frame_ranges
+    from packforcing.studio.replay import video_thumbnails
     from packforcing.video import write_video
 
     ranges = block_frame_ranges(4, 4)

@@ -6,9 +6,9 @@ from diffusers import WanTransformer3DModel
 
 from packforcing.cache import make_policy
 from packforcing.configs import TINY
-from packforcing.model import CausalWanTransformer, block_causal_mask
+from packforcing.model import CausalWanTransformer
 from packforcing.sampler import SamplerConfig, generate_blocks, warp_timesteps
-from tests.conftest import tiny_geometry
+from tests.conftest import record_forward_calls, teacher_forcing_layout, tiny_geometry
 
 
 def test_schedule_is_self_forcing_warped():
@@ -28,26 +28,13 @@ def test_sequence_forward_equals_diffusers(tiny_model):
         assert torch.equal(ref(x, t, text).sample, tiny_model.forward_sequence(x, t, text))
 
 
-def _record_calls(model):
-    calls = []
-    original = model.forward_block
-
-    def wrapped(x, t, text, cache, step, t_start, **kw):
-        out = original(x, t, text, cache, step=step, t_start=t_start, **kw)
-        calls.append(dict(x=x.clone(), t=t.clone(), step=step, t_start=t_start, out=out.clone()))
-        return out
-
-    model.forward_block = wrapped
-    return calls
-
-
 @pytest.mark.parametrize("block_frames", [3, 4])
 def test_chunked_full_cache_equals_one_masked_forward(tiny_model, block_frames):
     """Cached chunked generation == one forward over [clean blocks | noisy blocks] with a
     block-causal mask: noisy block i sees clean blocks < i and itself (teacher forcing layout)."""
     num_blocks, hw = 3, (8, 8)
     geometry = tiny_geometry(block_frames, (4, 4), TINY["num_layers"], TINY["num_attention_heads"], 32)
-    calls = _record_calls(tiny_model)
+    calls = record_forward_calls(tiny_model)
     try:
         text = torch.randn(1, 5, 64)
         config = SamplerConfig(block_frames=block_frames)
@@ -56,14 +43,9 @@ def test_chunked_full_cache_equals_one_masked_forward(tiny_model, block_frames):
         del tiny_model.forward_block
     clean = torch.cat([b.latents for b in blocks], dim=2)
     frames = num_blocks * block_frames
-    block_of = torch.arange(frames) // block_frames
-    mask = torch.zeros(2 * frames, 2 * frames, dtype=torch.bool)
-    mask[:frames, :frames] = block_causal_mask(frames, block_frames)
-    mask[frames:, :frames] = block_of[None, :] < block_of[:, None]
-    mask[frames:, frames:] = block_of[None, :] == block_of[:, None]
-    positions = torch.cat([torch.arange(frames), torch.arange(frames)]).double()
+    mask, positions = teacher_forcing_layout(num_blocks, block_frames)
     for step in range(len(config.timesteps)):
-        noisy = [c for c in calls if c["step"] == step]
+        noisy = [c for c in calls if c["step"] == step and not c["commit"]]
         assert [c["t_start"] for c in noisy] == [b * block_frames for b in range(num_blocks)]
         latents = torch.cat([clean] + [c["x"] for c in noisy], dim=2)
         timesteps = torch.cat([torch.zeros(frames)] + [c["t"].expand(block_frames) for c in noisy])[None]
@@ -91,7 +73,7 @@ def test_solver_steps_between_timesteps(tiny_model, solver):
     (x' = x + (σ' − σ)·v), renoise draws fresh noise around x0 = x − σ·v; the block's latents are
     the last x0 either way."""
     geometry = tiny_geometry(4, (4, 4), TINY["num_layers"], TINY["num_attention_heads"], 32)
-    calls = _record_calls(tiny_model)
+    calls = record_forward_calls(tiny_model)
     try:
         config = SamplerConfig(solver=solver)
         blocks = list(generate_blocks(tiny_model, torch.randn(1, 5, 64), make_policy("full", geometry), 2,

@@ -10,11 +10,11 @@ from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 from packforcing.cache import make_policy
 from packforcing.compressor import Compressor
 from packforcing.configs import TINY
-from packforcing.model import CrossAttnProcessor, block_causal_mask
+from packforcing.model import CrossAttnProcessor
 from packforcing.sampler import SamplerConfig, generate_blocks
 from packforcing.schedule import PromptSchedule
 from packforcing.trace import TraceRecorder
-from tests.conftest import tiny_geometry
+from tests.conftest import record_forward_calls, teacher_forcing_layout, tiny_geometry
 
 HW = (8, 8)  # latent; 4x4 tokens per frame
 FRAMES = 4
@@ -98,19 +98,6 @@ class SegmentedCross:
             blk.attn2.processor = proc
 
 
-def _record_calls(model):
-    calls, original = [], model.forward_block
-
-    def wrapped(x, t, text, context, step, t_start, **kw):
-        out = original(x, t, text, context, step=step, t_start=t_start, **kw)
-        calls.append(dict(x=x.clone(), t=t.clone(), step=step, t_start=t_start, commit=kw.get("commit", False),
-                          out=out.clone()))
-        return out
-
-    model.forward_block = wrapped
-    return calls
-
-
 @pytest.mark.parametrize("mode", ["keep", "recache"])
 def test_cached_generation_with_a_schedule_equals_one_masked_forward_with_per_block_prompts(tiny_model, mode):
     """full cache, 4 blocks, prompts p0 (blocks 0-1), p1 (block 2), p2 (block 3). ``keep``: clean block j
@@ -118,7 +105,7 @@ def test_cached_generation_with_a_schedule_equals_one_masked_forward_with_per_bl
     num_blocks, prompts = 4, texts(3)
     prompt_of = [0, 0, 1, 2]
     config = SamplerConfig(block_frames=FRAMES, prompt_switch=mode)
-    calls = _record_calls(tiny_model)
+    calls = record_forward_calls(tiny_model)
     try:
         blocks = list(generate_blocks(tiny_model, prompts[0], make_policy("full", geometry()), num_blocks, HW, config,
                                       seed=3, prompt_switches={2: prompts[1], 3: prompts[2]}))
@@ -126,12 +113,7 @@ def test_cached_generation_with_a_schedule_equals_one_masked_forward_with_per_bl
         del tiny_model.forward_block
     clean = torch.cat([b.latents for b in blocks], dim=2)
     frames, per_block = num_blocks * FRAMES, FRAMES * 16
-    block_of = torch.arange(frames) // FRAMES
-    mask = torch.zeros(2 * frames, 2 * frames, dtype=torch.bool)
-    mask[:frames, :frames] = block_causal_mask(frames, FRAMES)
-    mask[frames:, :frames] = block_of[None, :] < block_of[:, None]
-    mask[frames:, frames:] = block_of[None, :] == block_of[:, None]
-    positions = torch.cat([torch.arange(frames), torch.arange(frames)]).double()
+    mask, positions = teacher_forcing_layout(num_blocks, FRAMES)
     for step in range(len(config.timesteps)):
         noisy = [c for c in calls if c["step"] == step and not c["commit"]]
         latents = torch.cat([clean] + [c["x"] for c in noisy], dim=2)

@@ -18,15 +18,15 @@ import pandas as pd
 
 from ..knobs import StudioError
 from ..safety import public_text
-from ..sampler import added_frames
+from ..sampler import block_frame_ranges
 from ..trace import TraceFormatError, load_tables, summarize
+from ..trace_io import EXTENSIONS as TRACE_SUFFIXES
 from .worker import block_thumbnail
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES_DIR = ROOT / "assets" / "examples"
-TRACE_SUFFIXES = (".parquet", ".csv", ".json")
 MAX_TRACE_MB = 64
-MAX_TRACE_ROWS = 5_000_000  # a 2-minute Wan run records ~1 M rows
+MAX_TRACE_ROWS = 5_000_000  # a 2-minute tiny-world run: ~60 k rows; Wan with mid_attention can exceed it (docs/trace.md)
 MAX_VIDEO_PIXELS = 1920 * 1088
 MAX_VIDEO_FRAMES = 16 * 60 * 10  # 10 minutes at 16 fps
 
@@ -101,16 +101,6 @@ def load_trace(trace) -> tuple[dict[str, pd.DataFrame], dict]:
     if not isinstance(meta, dict):
         meta = {}
     return tables, meta
-
-
-def block_frame_ranges(num_blocks: int, block_frames: int, temporal_ratio: int = 4) -> list[tuple[int, int]]:
-    """Pixel frames [start, end) of each generation block in the video."""
-    ranges, start = [], 0
-    for block in range(num_blocks):
-        end = start + added_frames(block, block_frames, temporal_ratio)
-        ranges.append((start, end))
-        start = end
-    return ranges
 
 
 def video_thumbnails(video, num_blocks: int, block_frames: int, temporal_ratio: int = 4) -> dict[int, np.ndarray]:

@@ -185,6 +185,12 @@ def validate_request(
                       tuple(later), prompt_switch)
 
 
+def _blank(value) -> bool:
+    """An empty table cell: None, NaN or whitespace."""
+    return value is None or (isinstance(value, float) and math.isnan(value)) or (isinstance(value, str)
+                                                                                 and not value.strip())
+
+
 def schedule_rows(value) -> list[tuple[float, str]]:
     """Rows ``[seconds, prompt]`` of the prompt-schedule table -> [(seconds, prompt)], blank rows dropped.
     Accepts a list of rows, Gradio's table payload ``{"data": rows, ...}`` or a DataFrame."""
@@ -201,8 +207,7 @@ def schedule_rows(value) -> list[tuple[float, str]]:
         if not isinstance(row, (list, tuple)) or len(row) != 2:
             raise StudioError(f"Prompt schedule row {number} must be [seconds, prompt], got {shown(row)}.")
         seconds, text = row
-        blank = lambda v: v is None or (isinstance(v, float) and math.isnan(v)) or (isinstance(v, str) and not v.strip())  # noqa: E731
-        if blank(seconds) and blank(text):
+        if _blank(seconds) and _blank(text):
             continue
         try:
             if isinstance(seconds, bool):
