@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -105,3 +107,54 @@ def test_real_model_distills_and_its_compressor_loads_in_the_app(hub, tmp_path, 
         assert torch.equal(loaded.compressor.hr.state_dict()[name], tensor)
     video = loaded.generate("a red circle", seconds=5, policy="packforcing", compressor_mode="both")
     assert video.shape[0] == 4 * 3 * 7 - 3
+
+
+def test_clip_returns_finds_each_return_with_the_mid_blocks_that_showed_the_object():
+    from packforcing.training.memory_distill import clip_returns
+
+    ranges = [(0, 4), (4, 8), (8, 12), (12, 16), (16, 20), (20, 24)]
+    in_view = np.zeros(24, dtype=bool)
+    in_view[0:6] = True  # sink and half of block 1
+    in_view[17:24] = True  # back in block 4, after an absence in blocks 2-3
+    assert clip_returns(in_view, ranges, n_sink=1, n_recent=1) == ((4, (1,)),)
+    assert clip_returns(in_view, ranges, n_sink=1, n_recent=3) == ()  # block 1 is recent for block 4: no mid view
+    in_view[4:6] = False
+    assert clip_returns(in_view, ranges, n_sink=1, n_recent=1) == ()  # only the sink showed it
+    in_view[4:7] = True  # 3 of 4 frames of block 1
+    assert clip_returns(in_view, ranges, n_sink=1, n_recent=1) == ((4, (1,)),)
+    in_view[13] = True  # back already in block 3: block 4 is no return, block 3 is
+    assert clip_returns(in_view, ranges, n_sink=1, n_recent=1) == ((3, (1,)),)
+
+
+def test_memory_samples_leave_the_sink_out_and_draw_the_mid_block_that_shows_the_object(world):
+    from packforcing.training.memory_distill import memory_rollouts
+
+    options = dict(sink_frames=4, recent_frames=4)
+    cfg = D.DistillConfig(steps=0, policy_options=options)
+    compressor = D.new_compressor(world, seed=0)
+    clips = memory_rollouts(world, compressor, 3, policy_options=options, seed=0)
+    assert all(len(c.latents) == 5 and c.returns for c in clips)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(12):
+        sample = D.draw_sample(world, compressor, clips, cfg, gen)
+        assert sample.drop_sink and (sample.current, ) in {(n,) for n, _ in clips[sample.rollout].returns}
+        assert sample.mid in dict(clips[sample.rollout].returns)[sample.current] and sample.mid in sample.selected
+    clip = clips[sample.rollout]
+    with torch.no_grad():
+        loss = D.sample_loss(world, compressor, clip, sample, cfg)
+        moved_sink = D.Rollout([clip.latents[0] + 3.0, *clip.latents[1:]], clip.lr_tokens, clip.text, clip.returns)
+        assert float(D.sample_loss(world, compressor, moved_sink, sample, cfg)) == pytest.approx(float(loss), rel=1e-5)
+        with_sink = dataclasses.replace(sample, drop_sink=False)
+        assert float(D.sample_loss(world, compressor, moved_sink, with_sink, cfg)) != pytest.approx(
+            float(D.sample_loss(world, compressor, clip, with_sink, cfg)), rel=1e-3)
+    with pytest.raises(ValueError, match="at most 5 s"):
+        memory_rollouts(world, compressor, 1, seconds=8.0)
+
+
+def test_command_line_adds_memory_clips_and_reports_their_heldout_loss(tmp_path):
+    out = tmp_path / "hr.safetensors"
+    assert D.main(["--model", "embedded", "--prompt", TRAIN[0], "--memory-clips", "2", "--sink-frames", "4",
+                   "--recent-frames", "4", "--steps", "3", "--device", "cpu", "--out", str(out)]) == 0
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["memory_clips"] == 2 and report["config"]["policy_options"] == {"sink_frames": 4, "recent_frames": 4}
+    assert report["heldout_returns_trained"] > 0 and "heldout_returns_untrained" in report

@@ -242,3 +242,71 @@ def test_memory_phase_fine_tunes_an_exported_model_and_exports_it(toy_run, tmp_p
     assert all(torch.equal(va[k], vb[k]) for k in va)  # the VAE is the init's
     manifest = json.loads((tmp_path / "tuned" / "tiny_world.json").read_text())
     assert manifest["memory_finetune"]["steps"] == 2 and manifest["world"] == "v2"
+
+
+def test_outline_marks_both_sides_of_every_edge_and_nothing_else():
+    from packforcing.training.stages import outline
+
+    mask = torch.zeros(1, 1, 2, 12, 12)
+    mask[:, :, 0, 3:8, 4:9] = 1  # a 5x5 square in frame 0, frame 1 empty
+    ring = outline(mask)[0, 0]
+    assert ring[1].sum() == 0 and ring[0, 5, 6] == 0  # no edge in frame 1, none at the square's centre
+    assert ring[0, 3, 4] == 1 and ring[0, 2, 3] == 1  # the corner pixel and its outer diagonal neighbour
+    assert ring[0, 0, 0] == 0 and ring[0, 10, 10] == 0  # far from the square
+    inner, outer = ring[0] * mask[0, 0, 0], ring[0] * (1 - mask[0, 0, 0])
+    assert int(inner.sum()) == 5 * 5 - 3 * 3 and int(outer.sum()) == 7 * 7 - 5 * 5
+
+
+def test_edge_weight_counts_an_outline_error_more_than_the_same_error_inside(monkeypatch):
+    from packforcing.training import stages
+
+    x = torch.full((1, 3, 1, 16, 16), -1.0)
+    x[:, :, :, 4:12, 4:12] = 1.0  # a white square on black
+    monkeypatch.setattr(stages, "vae_batch", lambda *a, **k: x.clone())
+
+    class Echo(torch.nn.Module):  # a VAE whose reconstruction is its input plus a chosen error
+        device = torch.device("cpu")
+
+        def __init__(self, error):
+            super().__init__()
+            self.error, self.encoder, self.quant_conv = error, torch.nn.Identity(), torch.nn.Identity()
+
+        def encode(self, v):
+            return type("E", (), {"latent_dist": type("D", (), {"mean": v * 0})()})()
+
+    def loss(error, edge_weight):
+        vae = Echo(error)
+        monkeypatch.setattr(stages, "decode_unclamped", lambda _vae, z: x + vae.error)
+        cfg = stages.VAEStageConfig(frames=1, crop=16, latent_noise=0.0, train_encoder=False, colour_from=None,
+                                    anchor_weight=0.0, edge_weight=edge_weight)
+        return float(stages.VAEStage(vae, cfg).loss(0))
+
+    on_edge, inside = torch.zeros_like(x), torch.zeros_like(x)
+    on_edge[:, :, :, 4, 6] = 0.5
+    inside[:, :, :, 8, 8] = 0.5
+    assert loss(on_edge, 0.0) == pytest.approx(loss(inside, 0.0))
+    assert loss(on_edge, 8.0) > 3 * loss(inside, 8.0)
+
+
+def test_vae_sharp_phase_trains_the_decoder_only_and_exports_the_model_with_it(toy_run, tmp_path):
+    import shutil
+
+    from packforcing.tiny_world import load_tiny_world
+
+    shutil.copytree(toy_run, tmp_path / "run")
+    train_v2.train_transformer(dataclasses.replace(TOY, transformer_steps=1), tmp_path / "run", resume=False,
+                               progress=False)
+    train_v2.export(TOY, tmp_path / "run", tmp_path / "init")
+    cfg = dataclasses.replace(TOY, vae_sharp_init=str(tmp_path / "init"), vae_sharp_steps=2, vae_sharp_frames=5)
+    losses = train_v2.train_vae_sharp(cfg, tmp_path / "sharp", resume=False, progress=False)
+    assert len(losses) == 2 and all(np.isfinite(losses))
+    train_v2.export_vae_sharp(cfg, tmp_path / "sharp", tmp_path / "tuned")
+    init, tuned = load_tiny_world(tmp_path / "init"), load_tiny_world(tmp_path / "tuned")
+    a, b = init.vae.vae, tuned.vae.vae
+    assert all(torch.equal(v, b.encoder.state_dict()[k]) for k, v in a.encoder.state_dict().items())
+    assert any(not torch.equal(v, b.decoder.state_dict()[k]) for k, v in a.decoder.state_dict().items())
+    assert a.config.latents_mean == b.config.latents_mean  # the transformer's latent space is unchanged
+    ta, tb = init.transformer.state_dict(), tuned.transformer.state_dict()
+    assert all(torch.equal(ta[k], tb[k]) for k in ta)
+    manifest = json.loads((tmp_path / "tuned" / "tiny_world.json").read_text())
+    assert manifest["vae_sharp"]["steps"] == 2

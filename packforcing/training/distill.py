@@ -48,12 +48,15 @@ MAX_ROLLOUT_SECONDS = 5.0  # the paper's training clips
 
 @dataclasses.dataclass
 class Rollout:
-    """One clip of the frozen model: per block clean latents [1, C, B_f, h, w] and LR tokens
-    [1, N_c, D] (None without an LR branch); the prompt's embeddings [1, L, text_dim]."""
+    """One clip: per block clean latents [1, C, B_f, h, w] and LR tokens [1, N_c, D] (None without an
+    LR branch); the prompt's embeddings [1, L, text_dim]. ``returns``: for a clip in which an object
+    leaves and comes back (`training.memory_distill`), the (current block, mid blocks that show the
+    object) pairs at which it returns; samples of such a clip are drawn there, sink left out."""
 
     latents: list[torch.Tensor]
     lr_tokens: list[torch.Tensor | None]
     text: torch.Tensor
+    returns: tuple[tuple[int, tuple[int, ...]], ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +67,7 @@ class Sample:
     selected: tuple[int, ...]  # mid blocks attended (m included), temporal order
     timestep: float  # 0..1000
     noise_seed: int
+    drop_sink: bool = False  # the sink left out of the context: m is the only view of what it shows
 
 
 @dataclasses.dataclass
@@ -121,14 +125,20 @@ def draw_sample(pipe, compressor, rollouts: list[Rollout], cfg: DistillConfig, g
     if blocks <= first:
         raise ValueError(f"rollouts of {blocks} blocks have no mid block (sink {probe.n_sink} + recent "
                          f"{probe.n_recent} blocks): use longer rollouts or a smaller sink")
-    n = int(torch.randint(first, blocks, (1,), generator=gen))
+    returns = rollouts[r].returns
+    if returns:  # a return of the object: m is a mid block that shows it, the sink is left out
+        n, shown = returns[int(torch.randint(len(returns), (1,), generator=gen))]
+        m = shown[int(torch.randint(len(shown), (1,), generator=gen))]
+    else:
+        n = int(torch.randint(first, blocks, (1,), generator=gen))
     archive = list(range(probe.n_sink, n - probe.n_recent))
-    m = archive[int(torch.randint(len(archive), (1,), generator=gen))]
+    if not returns:
+        m = archive[int(torch.randint(len(archive), (1,), generator=gen))]
     keep = torch.rand(len(archive), generator=gen) < cfg.keep_prob
     selected = tuple(b for b, k in zip(archive, keep) if k or b == m)
     steps = pipe.sampler.timesteps
     t = float(steps[int(torch.randint(len(steps), (1,), generator=gen))])
-    return Sample(r, n, m, selected, t, int(torch.randint(2**31 - 1, (1,), generator=gen)))
+    return Sample(r, n, m, selected, t, int(torch.randint(2**31 - 1, (1,), generator=gen)), drop_sink=bool(returns))
 
 
 def placement(pipe, compressor, sample: Sample, **options):
@@ -166,6 +176,9 @@ def sample_loss(pipe, compressor: Compressor, rollout: Rollout, sample: Sample, 
         return pos
 
     history, current_pos, comp_t = placement(pipe, compressor, sample, **cfg.policy_options)
+    if sample.drop_sink:
+        n_sink = policy_for(pipe, compressor, 1, **cfg.policy_options).n_sink
+        history = [entry for entry in history if entry[0] >= n_sink]
     parts, positions, spans = [], [], {}
     for block, start, scale in history:
         spans[block] = (sum(p.shape[1] for p in parts), T)
@@ -310,6 +323,11 @@ def main(argv=None) -> int:
     parser.add_argument("--prompts", default=None, help="file with one training prompt per line")
     parser.add_argument("--heldout-prompt", action="append", default=[], help="prompt for the held-out report")
     parser.add_argument("--seconds", type=float, default=5.0, help="rollout length, at most 5 s")
+    parser.add_argument("--memory-clips", type=int, default=0,
+                        help="tiny worlds: also this many ground-truth memory clips, sampled where the object "
+                             "returns (training.memory_distill); as many again, other scenes, for the held-out report")
+    parser.add_argument("--sink-frames", type=int, default=None, help="PackForcing sink of the samples (latent frames)")
+    parser.add_argument("--recent-frames", type=int, default=None, help="PackForcing recent window of the samples")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--seed", type=int, default=0)
@@ -335,7 +353,9 @@ def main(argv=None) -> int:
     try:
         if args.prompts:
             prompts += [ln.strip() for ln in Path(args.prompts).read_text(encoding="utf-8").splitlines() if ln.strip()]
-        cfg = DistillConfig(seconds=args.seconds, steps=args.steps, lr=args.lr, seed=args.seed)
+        options = {k: v for k, v in (("sink_frames", args.sink_frames), ("recent_frames", args.recent_frames))
+                   if v is not None}
+        cfg = DistillConfig(seconds=args.seconds, steps=args.steps, lr=args.lr, seed=args.seed, policy_options=options)
         if not prompts:
             raise ValueError("give --prompt or --prompts")
         pipe = _load(args)
@@ -343,16 +363,26 @@ def main(argv=None) -> int:
         print(f"{pipe.name}: rolling out {len(prompts)} prompt(s) of {cfg.seconds:g} s on {pipe.transformer.device}")
         rollouts = make_rollouts(pipe, compressor, prompts, cfg.seconds, cfg.seed)
         heldout = make_rollouts(pipe, compressor, args.heldout_prompt, cfg.seconds, cfg.seed + 10_000)
+        if args.memory_clips:
+            from .memory_distill import memory_rollouts
+
+            print(f"encoding 2 x {args.memory_clips} ground-truth memory clips (training, held-out)")
+            rollouts += memory_rollouts(pipe, compressor, args.memory_clips, cfg.seconds, cfg.seed, options)
+            returns_heldout = memory_rollouts(pipe, compressor, args.memory_clips, cfg.seconds, cfg.seed + 10_000, options)
     except (OSError, ValueError, UnicodeDecodeError) as err:
         return fail(str(err))
-    report = {"model": pipe.name, "prompts": len(prompts), "config": dataclasses.asdict(cfg)}
-    if heldout:
-        report["heldout_untrained"] = heldout_loss(pipe, compressor, heldout, cfg)
+    report = {"model": pipe.name, "prompts": len(prompts), "memory_clips": args.memory_clips,
+              "config": dataclasses.asdict(cfg)}
+    heldouts = {"heldout": heldout, "heldout_returns": returns_heldout if args.memory_clips else []}
+    for name, clips in heldouts.items():
+        if clips:
+            report[f"{name}_untrained"] = heldout_loss(pipe, compressor, clips, cfg)
     compressor, losses = distill(pipe, prompts, cfg, compressor=compressor, rollouts=rollouts, log=print)
-    if heldout:
-        report["heldout_trained"] = heldout_loss(pipe, compressor, heldout, cfg)
-        print(f"held-out distillation loss: untrained {report['heldout_untrained']:.6f} -> "
-              f"trained {report['heldout_trained']:.6f}")
+    for name, clips in heldouts.items():
+        if clips:
+            report[f"{name}_trained"] = heldout_loss(pipe, compressor, clips, cfg)
+            print(f"{name} distillation loss: untrained {report[f'{name}_untrained']:.6f} -> "
+                  f"trained {report[f'{name}_trained']:.6f}")
     compressor.save(str(out))
     report["losses"] = losses
     out.with_suffix(".json").write_text(json.dumps(report, indent=1))

@@ -85,6 +85,7 @@ class VAEStageConfig:
     longer_batch: int = 2
     mse_weight: float = 1.0
     object_weight: float = 0.0  # extra weight on pixels far (> 32 levels) from the frame's background
+    edge_weight: float = 0.0  # extra weight on pixels within 1 px of an object's outline (shapes, corners)
     seed: int = 0
     data_steps: int | None = None  # cycle over this many fixed batches (tests); None = fresh data
     world: str = "v1"  # which tiny world the clips come from (packforcing.world.spec)
@@ -97,6 +98,14 @@ def latent_colour(x: torch.Tensor, latent_w: int) -> torch.Tensor:
     first = F.avg_pool3d(x[:, :, :1], (1, s, s))
     rest = F.avg_pool3d(x[:, :, 1:], (4, s, s)) if x.shape[2] > 1 else first[:, :, :0]
     return torch.cat([first, rest], dim=2)
+
+
+def outline(mask: torch.Tensor) -> torch.Tensor:
+    """1 where a 3x3 neighbourhood of a binary mask [B,1,T,H,W] holds both values (the pixels on
+    either side of every object edge), else 0; per frame."""
+    dilated = F.max_pool3d(mask, (1, 3, 3), stride=1, padding=(0, 1, 1))
+    eroded = -F.max_pool3d(-mask, (1, 3, 3), stride=1, padding=(0, 1, 1))
+    return dilated - eroded
 
 
 def decode_unclamped(vae, z: torch.Tensor) -> torch.Tensor:
@@ -143,11 +152,13 @@ class VAEStage:
             saturation = (x.amax(dim=1, keepdim=True) - x.amin(dim=1, keepdim=True)) / 2
             weight = weight + c.colour_weight * saturation
             anchor_weight = c.colour_anchor_weight
-        if c.object_weight:
+        if c.object_weight or c.edge_weight:
             background = x.flatten(-2).median(dim=-1).values[..., None, None]  # [B,3,T,1,1]
-            objects = ((x - background).abs().amax(dim=1, keepdim=True) > 0.25).float()
+            objects = ((x - background).abs().amax(dim=1, keepdim=True) > 0.25).float()  # [B,1,T,H,W]
             weight = weight * (1 + c.object_weight * objects)
-        if phase2 or c.object_weight:
+            if c.edge_weight:
+                weight = weight * (1 + c.edge_weight * outline(objects))
+        if phase2 or c.object_weight or c.edge_weight:
             err = err * weight / weight.mean()
         loss = err.mean() + c.mean_l2 * mean.pow(2).mean()
         if anchor_weight:
