@@ -62,15 +62,21 @@ def model_sampler(path: Path):
     return lambda prompt, seed, seconds: pipe.generate(prompt, seconds=seconds, policy="full", seed=seed)
 
 
-def probe(sample, seconds: float = 5.0, every: int = 2) -> tuple[pd.DataFrame, list[np.ndarray]]:
-    """One row per held-out prompt (strict/colour fidelity, objects, stray fraction) + the videos."""
+SEED_STRIDE = 1000  # seed of prompt k, repeat r: EVAL_SEED_BASE_V2 + k + r * SEED_STRIDE
+
+
+def probe(sample, seconds: float = 5.0, every: int = 2, seeds: int = 1) -> tuple[pd.DataFrame, list[np.ndarray]]:
+    """One row per held-out prompt and seed (strict/colour fidelity, objects, stray fraction) + the
+    videos. ``seeds`` > 1 repeats every prompt with further held-out seeds (prompt-major order)."""
     from packforcing.training.v2 import EVAL_SEED_BASE_V2, HELDOUT_V2
 
     rows, videos = [], []
     for k, prompt in enumerate(HELDOUT_V2):
-        video = sample(prompt, EVAL_SEED_BASE_V2 + k, seconds)
-        rows.append({"prompt": prompt, **object_summary(object_frame_table(video, prompt, every=every))})
-        videos.append(video)
+        for repeat in range(seeds):
+            seed = EVAL_SEED_BASE_V2 + k + repeat * SEED_STRIDE
+            video = sample(prompt, seed, seconds)
+            rows.append({"prompt": prompt, "seed": seed, **object_summary(object_frame_table(video, prompt, every=every))})
+            videos.append(video)
     return pd.DataFrame(rows), videos
 
 
@@ -101,18 +107,19 @@ def main(argv=None) -> int:
     p.add_argument("--seconds", type=float, default=5.0)
     p.add_argument("--guidance", type=float, nargs="+", default=[1.0], help="--run only: guidance scales")
     p.add_argument("--weights", choices=("ema", "live"), default="ema", help="--run only: which weights")
-    p.add_argument("--strip", type=Path, default=None, help="PNG of frame strips (one per prompt)")
+    p.add_argument("--seeds", type=int, default=1, help="held-out seeds per prompt (default 1)")
+    p.add_argument("--strip", type=Path, default=None, help="PNG of frame strips (one per prompt and seed)")
     p.add_argument("--out", type=Path, default=None, help="CSV of the rows")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     tables = []
     settings = [(g, run_sampler(args.run, g, weights=args.weights)) for g in args.guidance] if args.run else [(None, model_sampler(args.model))]
     for guidance, sample in settings:
-        table, videos = probe(sample, args.seconds)
+        table, videos = probe(sample, args.seconds, seeds=args.seeds)
         table.insert(0, "guidance", guidance)
         tables.append(table)
         print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-        print(f"mean (guidance {guidance}):", table.drop(columns=["prompt", "guidance"]).mean().round(3).to_dict())
+        print(f"mean (guidance {guidance}):", table.drop(columns=["prompt", "seed", "guidance"]).mean().round(3).to_dict())
         if args.strip:
             name = args.strip if len(settings) == 1 else args.strip.with_name(f"{args.strip.stem}_g{guidance:g}.png")
             print("strip:", save_strips(videos, name))

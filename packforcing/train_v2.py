@@ -252,8 +252,10 @@ def export_memory(cfg: V2Config, out: Path, dest: Path) -> Path:
 
     transformer, text, vae, settings = _memory_init(cfg)
     step = load_checkpoint(out / "memory" / CHECKPOINT, {"ema_transformer": transformer, "ema_text": text.model}, None)
-    settings = dict(settings, memory_finetune={"command": "bash scripts/train_tiny_world_v2.sh (memory phase)",
-                                               "steps": step, "config": dataclasses.asdict(cfg)})
+    # a fine-tune of a fine-tuned model keeps the earlier rounds' notes: memory_finetune, memory_finetune_2, ...
+    key = next(k for k in ("memory_finetune", *(f"memory_finetune_{n}" for n in range(2, 100))) if k not in settings)
+    settings = dict(settings, **{key: {"command": "bash scripts/train_tiny_world_v2.sh (memory phase)",
+                                       "steps": step, "config": dataclasses.asdict(cfg)}})
     compressor = Compressor.load(str(Path(cfg.memory_init) / "compressor.safetensors"))
     return save_tiny_world(dest, transformer.eval(), vae, text, compressor, settings)
 

@@ -242,6 +242,12 @@ def test_memory_phase_fine_tunes_an_exported_model_and_exports_it(toy_run, tmp_p
     assert all(torch.equal(va[k], vb[k]) for k in va)  # the VAE is the init's
     manifest = json.loads((tmp_path / "tuned" / "tiny_world.json").read_text())
     assert manifest["memory_finetune"]["steps"] == 2 and manifest["world"] == "v2"
+    # a second round on the tuned model keeps the first round's note and adds its own
+    second = dataclasses.replace(cfg, memory_init=str(tmp_path / "tuned"), memory_fraction=0.3)
+    train_v2.export_memory(second, tmp_path / "mem", tmp_path / "tuned2")
+    manifest2 = json.loads((tmp_path / "tuned2" / "tiny_world.json").read_text())
+    assert manifest2["memory_finetune"] == manifest["memory_finetune"]
+    assert manifest2["memory_finetune_2"]["config"]["memory_fraction"] == 0.3
 
 
 def test_outline_marks_both_sides_of_every_edge_and_nothing_else():
@@ -310,3 +316,21 @@ def test_vae_sharp_phase_trains_the_decoder_only_and_exports_the_model_with_it(t
     assert all(torch.equal(ta[k], tb[k]) for k in ta)
     manifest = json.loads((tmp_path / "tuned" / "tiny_world.json").read_text())
     assert manifest["vae_sharp"]["steps"] == 2
+
+
+def test_probe_repeats_every_prompt_with_distinct_held_out_seeds():
+    from analysis.probe import probe
+    from packforcing.training.v2 import EVAL_SEED_BASE_V2, HELDOUT_V2
+
+    calls = []
+
+    def blank(prompt, seed, seconds):
+        calls.append((prompt, seed))
+        return np.zeros((5, 64, 64, 3), np.uint8)
+
+    table, videos = probe(blank, seconds=1, every=2, seeds=2)
+    assert len(table) == len(videos) == 2 * len(HELDOUT_V2)
+    assert list(table["prompt"]) == [p for p in HELDOUT_V2 for _ in range(2)]
+    assert len(set(table["seed"])) == len(table) and (table["seed"] >= EVAL_SEED_BASE_V2).all()
+    assert calls == list(zip(table["prompt"], table["seed"]))
+    assert (table["strict_fidelity"] == 0).all()  # a blank video draws no prompted object
