@@ -222,15 +222,20 @@ def test_memory_pool_clips_show_a_return_under_a_colour_free_caption(toy_run):
     assert plain.captions == again.captions and torch.equal(plain.latents, again.latents)  # 0 = unchanged draws
 
 
-def test_memory_phase_fine_tunes_an_exported_model_and_exports_it(toy_run, tmp_path):
+@pytest.fixture
+def exported_init(toy_run, tmp_path):
+    """A toy run trained one transformer step and exported to ``tmp_path / "init"``."""
     import shutil
-
-    from packforcing.tiny_world import load_tiny_world
 
     shutil.copytree(toy_run, tmp_path / "run")
     train_v2.train_transformer(dataclasses.replace(TOY, transformer_steps=1), tmp_path / "run", resume=False,
                                progress=False)
-    train_v2.export(TOY, tmp_path / "run", tmp_path / "init")
+    return train_v2.export(TOY, tmp_path / "run", tmp_path / "init")
+
+
+def test_memory_phase_fine_tunes_an_exported_model_and_exports_it(exported_init, tmp_path):
+    from packforcing.tiny_world import load_tiny_world
+
     cfg = dataclasses.replace(TOY, memory_init=str(tmp_path / "init"), memory_steps=2, memory_fraction=1.0)
     losses = train_v2.train_memory(cfg, tmp_path / "mem", resume=False, progress=False)
     assert len(losses) == 2 and all(np.isfinite(losses))
@@ -294,15 +299,9 @@ def test_edge_weight_counts_an_outline_error_more_than_the_same_error_inside(mon
     assert loss(on_edge, 8.0) > 3 * loss(inside, 8.0)
 
 
-def test_vae_sharp_phase_trains_the_decoder_only_and_exports_the_model_with_it(toy_run, tmp_path):
-    import shutil
-
+def test_vae_sharp_phase_trains_the_decoder_only_and_exports_the_model_with_it(exported_init, tmp_path):
     from packforcing.tiny_world import load_tiny_world
 
-    shutil.copytree(toy_run, tmp_path / "run")
-    train_v2.train_transformer(dataclasses.replace(TOY, transformer_steps=1), tmp_path / "run", resume=False,
-                               progress=False)
-    train_v2.export(TOY, tmp_path / "run", tmp_path / "init")
     cfg = dataclasses.replace(TOY, vae_sharp_init=str(tmp_path / "init"), vae_sharp_steps=2, vae_sharp_frames=5)
     losses = train_v2.train_vae_sharp(cfg, tmp_path / "sharp", resume=False, progress=False)
     assert len(losses) == 2 and all(np.isfinite(losses))
