@@ -236,11 +236,11 @@ def exported_init(toy_run, tmp_path):
 def test_memory_phase_fine_tunes_an_exported_model_and_exports_it(exported_init, tmp_path):
     from packforcing.tiny_world import load_tiny_world
 
-    cfg = dataclasses.replace(TOY, memory_init=str(tmp_path / "init"), memory_steps=2, memory_fraction=1.0)
+    cfg = dataclasses.replace(TOY, memory_init=str(exported_init), memory_steps=2, memory_fraction=1.0)
     losses = train_v2.train_memory(cfg, tmp_path / "mem", resume=False, progress=False)
     assert len(losses) == 2 and all(np.isfinite(losses))
     train_v2.export_memory(cfg, tmp_path / "mem", tmp_path / "tuned")
-    init, tuned = load_tiny_world(tmp_path / "init"), load_tiny_world(tmp_path / "tuned")
+    init, tuned = load_tiny_world(exported_init), load_tiny_world(tmp_path / "tuned")
     a, b = init.transformer.state_dict(), tuned.transformer.state_dict()
     assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a)  # the EMA moved
     va, vb = init.vae.vae.state_dict(), tuned.vae.vae.state_dict()
@@ -302,11 +302,11 @@ def test_edge_weight_counts_an_outline_error_more_than_the_same_error_inside(mon
 def test_vae_sharp_phase_trains_the_decoder_only_and_exports_the_model_with_it(exported_init, tmp_path):
     from packforcing.tiny_world import load_tiny_world
 
-    cfg = dataclasses.replace(TOY, vae_sharp_init=str(tmp_path / "init"), vae_sharp_steps=2, vae_sharp_frames=5)
+    cfg = dataclasses.replace(TOY, vae_sharp_init=str(exported_init), vae_sharp_steps=2, vae_sharp_frames=5)
     losses = train_v2.train_vae_sharp(cfg, tmp_path / "sharp", resume=False, progress=False)
     assert len(losses) == 2 and all(np.isfinite(losses))
     train_v2.export_vae_sharp(cfg, tmp_path / "sharp", tmp_path / "tuned")
-    init, tuned = load_tiny_world(tmp_path / "init"), load_tiny_world(tmp_path / "tuned")
+    init, tuned = load_tiny_world(exported_init), load_tiny_world(tmp_path / "tuned")
     a, b = init.vae.vae, tuned.vae.vae
     assert all(torch.equal(v, b.encoder.state_dict()[k]) for k, v in a.encoder.state_dict().items())
     assert any(not torch.equal(v, b.decoder.state_dict()[k]) for k, v in a.decoder.state_dict().items())
