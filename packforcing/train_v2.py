@@ -78,6 +78,7 @@ class V2Config(TinyRecipe):
     memory_steps: int = 800
     memory_lr: float = 2e-4
     memory_fraction: float = 0.5  # share of pool clips that are memory clips (colour-free captions)
+    memory_entrance_fraction: float = 0.0  # share of memory clips that start empty (the object enters later)
     memory_ema: float = 0.995  # starts at the (trained) init weights, so no bias correction is needed
     # vae_sharp phase: the decoder of an exported model's VAE fine-tuned for outlines (encoder frozen)
     vae_sharp_init: str = "assets/tiny-world"
@@ -233,7 +234,8 @@ def train_memory(cfg: V2Config, out: Path, resume: bool, progress: bool = True, 
 
     transformer, text, vae, _ = _memory_init(cfg, device)
     pool = ClipPool(vae, cfg.pool_slots, world=cfg.world, seed=cfg.seed + 40, device=device,
-                    refresh_every=cfg.pool_refresh_every, memory_fraction=cfg.memory_fraction)
+                    refresh_every=cfg.pool_refresh_every, memory_fraction=cfg.memory_fraction,
+                    entrance_fraction=cfg.memory_entrance_fraction)
     stage = TransformerV2Stage(transformer, text, pool, TransformerV2Config(
         shift=cfg.sample_shift, inference_steps=tuple(cfg.inference_timesteps()), clip_batch=cfg.clip_batch,
         first_batch=cfg.first_batch, p_uncond=cfg.p_uncond, ema=cfg.memory_ema, bf16=cfg.bf16, seed=cfg.seed + 40,

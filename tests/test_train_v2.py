@@ -217,9 +217,30 @@ def test_memory_pool_clips_show_a_return_under_a_colour_free_caption(toy_run):
     vae = train_v2.final_vae(TOY, toy_run)
     mixed = ClipPool(vae, slots=6, seed=1, memory_fraction=1.0).at(0)
     assert all(not set(c.split(" bouncing")[0].split()) & set(COLOURS) for c in mixed.captions)
+    entering = ClipPool(vae, slots=6, seed=1, memory_fraction=1.0, entrance_fraction=1.0).at(0)
+    assert not torch.equal(entering.latents, mixed.latents)  # the pool passes the option on to its clips
     plain = ClipPool(vae, slots=3, seed=5, refresh_every=2).at(9)
     again = ClipPool(vae, slots=3, seed=5, refresh_every=2, memory_fraction=0.0).at(9)
     assert plain.captions == again.captions and torch.equal(plain.latents, again.latents)  # 0 = unchanged draws
+
+
+def test_entrance_clips_start_empty_and_show_the_object_coming_in():
+    from packforcing.world.memory import ENTRANCE_GAP_S, training_clip, visible
+
+    fps, kinds = 16, []
+    for k in range(40):
+        scene, start = training_clip(np.random.default_rng(k), entrance_fraction=0.5)
+        shown = visible(scene, 77, 64, 64, start=start)[:, 0]
+        kinds.append(not shown[0])
+        if not shown[0]:  # an entrance clip: empty from the scene's start until gap / 2, then in view
+            first = int(np.argmax(shown))
+            assert start == 0 and shown.any() and ENTRANCE_GAP_S[0] / 2 * fps - 1 <= first <= ENTRANCE_GAP_S[1] / 2 * fps + 1
+            assert shown[first:first + 8].all()  # it stays in view once it is in (it crosses the frame)
+    assert 0.25 < np.mean(kinds) < 0.75  # about half are entrance clips
+    # without the option the draws are those of the function before it (rounds 1-3 stay reproducible)
+    for k in range(6):
+        a, b = training_clip(np.random.default_rng(k)), training_clip(np.random.default_rng(k), entrance_fraction=0.0)
+        assert a[1] == b[1] and a[0] == b[0]
 
 
 @pytest.fixture

@@ -71,14 +71,17 @@ class ClipPool:
     whose config holds the latent statistics (it is switched to the oneDNN convolution on the CPU)."""
 
     def __init__(self, vae, slots: int = 64, clip_frames: int = 77, world="v2", seed: int = 0,
-                 device: str | torch.device = "cpu", refresh_every: int = 1, memory_fraction: float = 0.0):
+                 device: str | torch.device = "cpu", refresh_every: int = 1, memory_fraction: float = 0.0,
+                 entrance_fraction: float = 0.0):
         """``memory_fraction``: share of fresh clips that are memory training clips
-        (`world.memory.training_clip`, colour-free caption); 0 draws exactly what it always drew."""
+        (`world.memory.training_clip`, colour-free caption); 0 draws exactly what it always drew.
+        ``entrance_fraction``: share of those memory clips that start empty and show the object's
+        first entrance (`training_clip`'s option)."""
         from ..vae import use_onednn_conv3d
 
         self.vae, self.slots, self.clip_frames, self.seed = vae, int(slots), int(clip_frames), int(seed)
         self.world, self.device, self.refresh_every = world_spec(world), torch.device(device), int(refresh_every)
-        self.memory_fraction = float(memory_fraction)
+        self.memory_fraction, self.entrance_fraction = float(memory_fraction), float(entrance_fraction)
         if self.device.type == "cpu":
             use_onednn_conv3d(vae)
         cfg = vae.config
@@ -98,7 +101,7 @@ class ClipPool:
     def _encode(self, refresh: int) -> tuple[torch.Tensor, str]:
         rng = np.random.default_rng([self.seed, 7, refresh + self.slots])
         if self.memory_fraction > 0 and rng.random() < self.memory_fraction:
-            scene, start = memory.training_clip(rng, self.world)
+            scene, start = memory.training_clip(rng, self.world, entrance_fraction=self.entrance_fraction)
             caption = memory.memory_caption(scene)
         else:
             scene, start = training_scene(rng, self.world), 0
