@@ -80,6 +80,7 @@ class V2Config(TinyRecipe):
     memory_fraction: float = 0.5  # share of pool clips that are memory clips (colour-free captions)
     memory_entrance_fraction: float = 0.0  # share of memory clips that start empty (the object enters later)
     memory_ema: float = 0.995  # starts at the (trained) init weights, so no bias correction is needed
+    memory_grow_layers: int = 0  # > the init's layers: deepen it first with identity blocks (training.grow)
     # vae_sharp phase: the decoder of an exported model's VAE fine-tuned for outlines (encoder frozen)
     vae_sharp_init: str = "assets/tiny-world"
     vae_sharp_steps: int = 1500
@@ -219,7 +220,12 @@ def _memory_init(cfg: V2Config, device: str = "cpu"):
     init = Path(cfg.memory_init)
     pipe = load_tiny_world(init)
     vae = AutoencoderKLWan.from_pretrained(init / "vae").to(device).eval().requires_grad_(False)
-    return pipe.transformer.to(device).train(), pipe.text_encoder.to(device), vae, json.loads((init / MANIFEST).read_text())
+    transformer = pipe.transformer
+    if cfg.memory_grow_layers > transformer.config.num_layers:
+        from .training.grow import grow_layers
+
+        transformer = grow_layers(transformer, cfg.memory_grow_layers)
+    return transformer.to(device).train(), pipe.text_encoder.to(device), vae, json.loads((init / MANIFEST).read_text())
 
 
 def train_memory(cfg: V2Config, out: Path, resume: bool, progress: bool = True, device: str = "cpu",

@@ -8,6 +8,14 @@ OUT=${OUT:-runs/tiny-world-v2}
 PY=${PY:-.venv/bin/python}
 DEVICE=${DEVICE:-cpu}
 T="$PY -m packforcing.train_v2 --out $OUT --resume --threads 1 --device $DEVICE"
+# distill_hr MODEL OUT: the compressor's HR branch by self-distillation from MODEL's own 5 s rollouts of the
+# 32 colour-free memory captions in $OUT/memory_prompts.txt (written below), 1,500 steps, ~5 min; into MODEL
+distill_hr() {
+  $PY -m packforcing.training.distill --model "$1" --prompts "$OUT/memory_prompts.txt" \
+    --heldout-prompt "a square bouncing over a black background" --heldout-prompt "a circle bouncing over a navy background" \
+    --heldout-prompt "a triangle bouncing over a white background" --steps 1500 --device "$DEVICE" --out "$2/compressor_hr.safetensors"
+  cp "$2/compressor_hr.safetensors" "$1/compressor.safetensors"
+}
 # VAE: the 1,400-step schedule (9 -> 17 -> 25-frame clips) stopped at step 825 (17-frame clips; its
 # streamed 10 s reconstructions already kept the colours), so the transformer could start sooner
 $T vae --stop-at 825
@@ -25,10 +33,7 @@ $T export_memory --memory-init "${EXPORT:-assets/tiny-world}" --export "${EXPORT
 # the HR branch of the compressor, by self-distillation from the fine-tuned model's own 5 s rollouts
 # of 32 colour-free memory captions (memory scenes 0..31; the memory test uses scenes 2,000,000+), ~5 min
 $PY -c "from packforcing.world.memory import memory_caption, memory_scene; print('\n'.join(memory_caption(memory_scene(s)) for s in range(32)))" > "$OUT/memory_prompts.txt"
-$PY -m packforcing.training.distill --model "${EXPORT_MEMORY:-$OUT/export-memory}" --prompts "$OUT/memory_prompts.txt" \
-  --heldout-prompt "a square bouncing over a black background" --heldout-prompt "a circle bouncing over a navy background" \
-  --heldout-prompt "a triangle bouncing over a white background" --steps 1500 --device "$DEVICE" --out "$OUT/compressor_hr.safetensors"
-cp "$OUT/compressor_hr.safetensors" "${EXPORT_MEMORY:-$OUT/export-memory}/compressor.safetensors"
+distill_hr "${EXPORT_MEMORY:-$OUT/export-memory}" "$OUT"
 # --- round 2 (shipped until round 3) -----------------------------------------------------
 # a second memory-phase fine-tune of that model with fresh data (seed 7), fewer memory clips (30 %),
 # 3,000 steps (cosine from 2e-4), ~55 min on a shared core; then the compressor re-distilled against it
@@ -37,10 +42,7 @@ R2_EXPORT=${R2_EXPORT:-$R2/export}
 $PY -m packforcing.train_v2 --out "$R2" --resume --threads 1 --device "$DEVICE" memory \
   --memory-init "${EXPORT_MEMORY:-$OUT/export-memory}" --memory-steps 3000 --memory-fraction 0.3 --seed 7
 $PY -m packforcing.train_v2 --out "$R2" --resume export_memory --memory-init "${EXPORT_MEMORY:-$OUT/export-memory}" --export "$R2_EXPORT"
-$PY -m packforcing.training.distill --model "$R2_EXPORT" --prompts "$OUT/memory_prompts.txt" \
-  --heldout-prompt "a square bouncing over a black background" --heldout-prompt "a circle bouncing over a navy background" \
-  --heldout-prompt "a triangle bouncing over a white background" --steps 1500 --device "$DEVICE" --out "$R2/compressor_hr.safetensors"
-cp "$R2/compressor_hr.safetensors" "$R2_EXPORT/compressor.safetensors"
+distill_hr "$R2_EXPORT" "$R2"
 # --- round 3 (the shipped model since 2026-12-03, second session) -----------------------------------
 # another 3,000-step round at 3 % memory clips (seed 11; meant as 30 %, see docs; a 5 % twin was measured), then 1,500
 # steps with half memory clips of which half are entrance clips (start empty, the object comes in
@@ -54,10 +56,7 @@ $PY -m packforcing.train_v2 --out "$R3" --resume export_memory --memory-init "$R
 $PY -m packforcing.train_v2 --out "$R3B" --resume --threads 1 --device "$DEVICE" memory \
   --memory-init "$R3/export" --memory-steps 1500 --memory-fraction 0.5 --memory-entrance-fraction 0.5 --seed 13
 $PY -m packforcing.train_v2 --out "$R3B" --resume export_memory --memory-init "$R3/export" --export "$R3B/export"
-$PY -m packforcing.training.distill --model "$R3B/export" --prompts "$OUT/memory_prompts.txt" \
-  --heldout-prompt "a square bouncing over a black background" --heldout-prompt "a circle bouncing over a navy background" \
-  --heldout-prompt "a triangle bouncing over a white background" --steps 1500 --device "$DEVICE" --out "$R3B/compressor_hr.safetensors"
-cp "$R3B/compressor_hr.safetensors" "$R3B/export/compressor.safetensors"
+distill_hr "$R3B/export" "$R3B"
 # shipped: the directory $R3B/export copied to assets/tiny-world
 # --- measured, not shipped (docs/tiny_world_v2.md says why) -----------------------------------------
 # an outline-weighted decoder fine-tune (strict reconstruction 0.61 -> 0.65, but generated videos 0.235 -> 0.212):

@@ -112,6 +112,28 @@ def test_probe_sampler_is_causal_and_guidance_is_exact_on_equal_inputs():
     assert torch.allclose(g1, g3, atol=1e-5)
 
 
+def test_probe_sampler_continues_a_given_context_as_its_own_rollout():
+    """A rollout continued from its own first block (the generator advanced by that block's noise)
+    is the uninterrupted rollout; a context that is not whole blocks is refused."""
+    from packforcing.training.probe import sample_blocks
+
+    model = train_v2.build_transformer(TOY).eval()
+    text = torch.randn(1, 16, TOY.text_dim)
+    steps = [1000.0, 500.0]
+    full = sample_blocks(model, text, 3, (8, 8), steps, generator=torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(0)
+    torch.randn(1, 16, 4, 8, 8, generator=gen)  # the first block's noise
+    continued = sample_blocks(model, text, 2, (8, 8), steps, generator=gen, context=full[:, :, :4])
+    assert continued.shape == full.shape
+    assert torch.allclose(continued, full, atol=1e-5)
+    gen = torch.Generator().manual_seed(0)
+    torch.randn(1, 16, 4, 8, 8, generator=gen)
+    other = sample_blocks(model, text, 1, (8, 8), steps, generator=gen, context=torch.zeros_like(full[:, :, :4]))
+    assert not torch.allclose(other[:, :, 4:], full[:, :, 4:8], atol=1e-3)  # same noise, other context
+    with pytest.raises(ValueError, match="multiple of 4"):
+        sample_blocks(model, text, 1, (8, 8), steps, context=full[:, :, :3])
+
+
 def test_self_generated_context_changes_the_training_context(toy_run):
     from packforcing.training.v2 import TransformerV2Config, TransformerV2Stage
 
@@ -276,6 +298,18 @@ def test_memory_phase_fine_tunes_an_exported_model_and_exports_it(exported_init,
     assert manifest2["memory_finetune_2"]["config"]["memory_fraction"] == 0.3
 
 
+def test_memory_phase_can_deepen_the_model_and_exports_the_deeper_one(exported_init, tmp_path):
+    from packforcing.tiny_world import load_tiny_world
+
+    cfg = dataclasses.replace(TOY, memory_init=str(exported_init), memory_steps=2, memory_grow_layers=TOY.layers + 1)
+    losses = train_v2.train_memory(cfg, tmp_path / "mem", resume=False, progress=False)
+    assert len(losses) == 2 and all(np.isfinite(losses))
+    train_v2.export_memory(cfg, tmp_path / "mem", tmp_path / "deeper")
+    deeper = load_tiny_world(tmp_path / "deeper")
+    assert deeper.transformer.config.num_layers == TOY.layers + 1 == len(deeper.transformer.blocks)
+    assert deeper.generate("a red circle bouncing over a navy background", seconds=1, policy="full", seed=0).shape[0] > 0
+
+
 def test_outline_marks_both_sides_of_every_edge_and_nothing_else():
     from packforcing.training.stages import outline
 
@@ -354,3 +388,30 @@ def test_probe_repeats_every_prompt_with_distinct_held_out_seeds():
     assert len(set(table["seed"])) == len(table) and (table["seed"] >= EVAL_SEED_BASE_V2).all()
     assert calls == list(zip(table["prompt"], table["seed"]))
     assert (table["strict_fidelity"] == 0).all()  # a blank video draws no prompted object
+
+
+def test_grown_transformer_computes_what_the_trained_one_does_and_then_learns():
+    from packforcing.training.grow import grow_layers, identity_layout
+    from packforcing.model import block_causal_mask
+
+    assert identity_layout(4, 6) == [0, 1, None, 2, 3, None]
+    assert identity_layout(2, 3) == [0, 1, None] and identity_layout(3, 3) == [0, 1, 2]
+    with pytest.raises(ValueError, match="cannot grow"):
+        identity_layout(4, 3)
+    torch.manual_seed(0)
+    model = train_v2.build_transformer(TOY).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # a "trained" model: no zero gates or projections anywhere
+            p.add_(0.05 * torch.randn_like(p))
+    grown = grow_layers(model, TOY.layers + 2)
+    assert grown.config.num_layers == TOY.layers + 2 and len(grown.blocks) == TOY.layers + 2
+    x = torch.randn(1, 16, 8, 8, 8)
+    t = torch.cat([torch.zeros(1, 4), torch.full((1, 4), 600.0)], dim=1)
+    text = torch.randn(1, 16, TOY.text_dim)
+    mask = block_causal_mask(8, 4)
+    assert torch.allclose(grown.forward_sequence(x, t, text, frame_mask=mask),
+                          model.forward_sequence(x, t, text, frame_mask=mask), atol=1e-5)
+    grown.train()
+    grown.forward_sequence(x, t, text, frame_mask=mask).pow(2).mean().backward()
+    new_out = grown.blocks[2].ffn.net[-1].weight  # zero now, but it gets a gradient: the block learns
+    assert new_out.abs().max() == 0 and new_out.grad.abs().max() > 0

@@ -29,16 +29,21 @@ def _velocity(model, seq, timestep, text, positions, mask, guidance: float):
 @torch.no_grad()
 def sample_blocks(model, text: torch.Tensor, num_blocks: int, latent_hw: tuple[int, int],
                   timesteps: list[float], guidance: float = 1.0, block_frames: int = 4,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
+                  generator: torch.Generator | None = None, context: torch.Tensor | None = None) -> torch.Tensor:
     """Euler flow-ODE sampling, t = timesteps[0] .. timesteps[-1] -> 0, block by block.
 
-    text [B, L, D]; returns normalised latents [B, 16, num_blocks·block_frames, h, w]."""
+    text [B, L, D]; ``context``: optional clean latents [B, 16, k·block_frames, h, w] the rollout
+    continues from (e.g. ground truth, for teacher-forced probes); returns normalised latents
+    [B, 16, (k + num_blocks)·block_frames, h, w] (context included)."""
     b = text.shape[0]
     h, w = latent_hw
     device = next(model.parameters()).device
-    clean = torch.zeros(b, model.config.in_channels, 0, h, w, device=device)
+    clean = torch.zeros(b, model.config.in_channels, 0, h, w, device=device) if context is None else context.to(device)
+    if clean.shape[2] % block_frames:
+        raise ValueError(f"context has {clean.shape[2]} latent frames, not a multiple of {block_frames}")
     ts = [float(t) for t in timesteps] + [0.0]
-    for i in range(num_blocks):
+    for _ in range(num_blocks):
+        i = clean.shape[2] // block_frames
         x = torch.randn(b, model.config.in_channels, block_frames, h, w, generator=generator).to(device)
         frames = (i + 1) * block_frames
         mask = block_causal_mask(frames, block_frames)
