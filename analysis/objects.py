@@ -164,3 +164,13 @@ def object_summary(table: pd.DataFrame, fps: float = 16, last_s: float | None = 
             "colour_fidelity": float(table[colour_cols].to_numpy().mean()) if colour_cols else np.nan,
             "objects": float(table["objects"].mean()),
             "stray_fraction": float(table["stray_fraction"].mean())}
+
+
+def failure_summary(table: pd.DataFrame) -> dict:
+    """Why frames fail the strict test: ``extra_object_frames`` = share of frames with more objects
+    than prompted (strict 0 whatever their shapes), ``shape_found`` = share of prompted objects
+    found in their colour *and* shape, counted in every frame (extra objects or not)."""
+    found = [c for c in table.columns if c.startswith("found_")]
+    n_objects = len(found)
+    return {"extra_object_frames": float((table["objects"] > n_objects).mean()),
+            "shape_found": float(table[found].to_numpy().mean()) if found else np.nan}

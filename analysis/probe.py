@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from analysis.objects import object_frame_table, object_summary
+from analysis.objects import failure_summary, object_frame_table, object_summary
 
 
 def _to_uint8(pixels: torch.Tensor) -> np.ndarray:
@@ -66,8 +66,8 @@ SEED_STRIDE = 1000  # seed of prompt k, repeat r: EVAL_SEED_BASE_V2 + k + r * SE
 
 
 def probe(sample, seconds: float = 5.0, every: int = 2, seeds: int = 1) -> tuple[pd.DataFrame, list[np.ndarray]]:
-    """One row per held-out prompt and seed (strict/colour fidelity, objects, stray fraction) + the
-    videos. ``seeds`` > 1 repeats every prompt with further held-out seeds (prompt-major order)."""
+    """One row per held-out prompt and seed (strict/colour fidelity, objects, stray fraction, and
+    `failure_summary`'s breakdown) + the videos. ``seeds`` > 1 repeats every prompt with further held-out seeds (prompt-major order)."""
     from packforcing.training.v2 import EVAL_SEED_BASE_V2, HELDOUT_V2
 
     rows, videos = [], []
@@ -75,7 +75,8 @@ def probe(sample, seconds: float = 5.0, every: int = 2, seeds: int = 1) -> tuple
         for repeat in range(seeds):
             seed = EVAL_SEED_BASE_V2 + k + repeat * SEED_STRIDE
             video = sample(prompt, seed, seconds)
-            rows.append({"prompt": prompt, "seed": seed, **object_summary(object_frame_table(video, prompt, every=every))})
+            table = object_frame_table(video, prompt, every=every)
+            rows.append({"prompt": prompt, "seed": seed, **object_summary(table), **failure_summary(table)})
             videos.append(video)
     return pd.DataFrame(rows), videos
 

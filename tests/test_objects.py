@@ -5,7 +5,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from analysis.objects import object_frame_table, object_summary, shape_class
+from analysis.objects import failure_summary, object_frame_table, object_summary, shape_class
 from packforcing.world import Scene, contrasts, world_spec
 
 SHAPES = ("circle", "square", "triangle")
@@ -64,6 +64,15 @@ def test_an_extra_object_fails_the_frame():
     assert gt["strict_fidelity"] == 1.0 and gt["objects"] == 1.0
     assert (table["objects"] == 2).mean() > 0.9
     assert table.loc[table["objects"] > 1, "strict_fidelity"].max() == 0.0
+    # the breakdown tells the two failures apart: the prompted object is drawn right, the count is not
+    crowded_why = failure_summary(table)
+    assert crowded_why["extra_object_frames"] > 0.9 and crowded_why["shape_found"] > 0.9
+    reshaped = Scene(scene.background, (dataclasses.replace(
+        scene.objects[0], shape=SHAPES[(SHAPES.index(scene.objects[0].shape) + 1) % 3]),))
+    reshaped_why = failure_summary(object_frame_table(reshaped.render(32, 64, 64), scene, every=4))
+    assert reshaped_why["extra_object_frames"] == 0 and reshaped_why["shape_found"] < 0.1
+    assert failure_summary(object_frame_table(scene.render(32, 64, 64), scene, every=4)) == {
+        "extra_object_frames": 0.0, "shape_found": 1.0}
 
 
 def test_a_blurred_video_loses_its_shapes_but_not_its_colours():

@@ -388,6 +388,7 @@ def test_probe_repeats_every_prompt_with_distinct_held_out_seeds():
     assert len(set(table["seed"])) == len(table) and (table["seed"] >= EVAL_SEED_BASE_V2).all()
     assert calls == list(zip(table["prompt"], table["seed"]))
     assert (table["strict_fidelity"] == 0).all()  # a blank video draws no prompted object
+    assert (table["shape_found"] == 0).all() and (table["extra_object_frames"] == 0).all()
 
 
 def test_grown_transformer_computes_what_the_trained_one_does_and_then_learns():
