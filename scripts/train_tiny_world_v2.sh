@@ -57,8 +57,19 @@ $PY -m packforcing.train_v2 --out "$R3B" --resume --threads 1 --device "$DEVICE"
   --memory-init "$R3/export" --memory-steps 1500 --memory-fraction 0.5 --memory-entrance-fraction 0.5 --seed 13
 $PY -m packforcing.train_v2 --out "$R3B" --resume export_memory --memory-init "$R3/export" --export "$R3B/export"
 distill_hr "$R3B/export" "$R3B"
-# shipped: the directory $R3B/export copied to assets/tiny-world
+# --- round 4 (the shipped model since 2026-12-04) --------------------------------------------------
+# 1,500 more steps from round 3b with 25 % memory clips, half of them entrance clips (seed 17), ~18 min;
+# then the compressor re-distilled. (Run here with --memory-init assets/tiny-world, which held round 3b.)
+R4=${R4:-runs/tw-r4}
+$PY -m packforcing.train_v2 --out "$R4" --resume --threads 1 --device "$DEVICE" memory \
+  --memory-init "$R3B/export" --memory-steps 1500 --memory-fraction 0.25 --memory-entrance-fraction 0.5 --seed 17
+$PY -m packforcing.train_v2 --out "$R4" --resume export_memory --memory-init "$R3B/export" --export "$R4/export"
+distill_hr "$R4/export" "$R4"
+# shipped: the directory $R4/export copied to assets/tiny-world
 # --- measured, not shipped (docs/tiny_world_v2.md says why) -----------------------------------------
+# round 4 with the model deepened to 6 layers first (identity blocks; same data and steps as round 4):
+#   $PY -m packforcing.train_v2 --out runs/tw-r4-deep --resume --threads 1 memory --memory-init "$R3B/export" \
+#     --memory-steps 1500 --memory-fraction 0.25 --memory-entrance-fraction 0.5 --seed 17 --memory-grow-layers 6
 # an outline-weighted decoder fine-tune (strict reconstruction 0.61 -> 0.65, but generated videos 0.235 -> 0.212):
 #   $PY -m packforcing.train_v2 --out "$R2" --resume --threads 1 vae_sharp --vae-sharp-init "$R2_EXPORT"
 #   $PY -m packforcing.train_v2 --out "$R2" --resume export_vae_sharp --vae-sharp-init "$R2_EXPORT" --export "$R2/export-sharp"

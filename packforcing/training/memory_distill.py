@@ -27,7 +27,7 @@ import torch
 from ..sampler import block_frame_ranges
 from ..world.memory import memory_caption, training_clip, visible
 from .data import to_pixels
-from .distill import MAX_ROLLOUT_SECONDS, Rollout, policy_for
+from .rollouts import MAX_ROLLOUT_SECONDS, Rollout, policy_for
 
 MIN_SHOWN = 0.5  # a mid block "shows" the object when it is in view in at least this share of its frames
 
