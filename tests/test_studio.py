@@ -160,14 +160,23 @@ def test_compare_runs_policies_in_turn_and_stops(tmp_path):
     base = studio.validate_request(PROMPT, 5, 1, "packforcing", {"top_k": 4})
     with pytest.raises(studio.StudioError, match="at least two"):
         studio.CompareRun(base, ["window"])
+    stop_requested, fake = threading.Event(), _fake_stream(3)
+
+    def stream(request):  # "window" waits after its first block until the test has pressed Stop,
+        for i, block in enumerate(fake(request)):  # so a fast generator cannot finish first
+            yield block
+            if request.policy == "window" and i == 0:
+                stop_requested.wait(10)
+
     run = studio.CompareRun(base, ["packforcing", "window", "full"], options={"packforcing": {"top_k": 4}},
-                            run_dir=tmp_path, stream_fn=_fake_stream(3))
+                            run_dir=tmp_path, stream_fn=stream)
     assert run.requests["packforcing"].options == {"top_k": 4} and run.requests["window"].seed == 1
     seen = []
     for policy, update in run.updates(timeout=30):
         seen.append((policy, update.kind))
         if policy == "window" and update.kind == "block":
             run.stop()  # stops "window" after this block and skips "full"
+            stop_requested.set()
     assert set(run.results) == {"packforcing", "window"}
     assert not run.results["packforcing"].stopped and run.results["window"].stopped
     assert ("full", "block") not in seen
