@@ -63,7 +63,7 @@ def model_note(name: str) -> str:
         return ("Its weights are random, so videos look like noise; the cache behaviour, timings and "
                 "analysis are real.")
     if "tiny-world" in name and "world v2" in name:
-        return ("A 5-million-parameter model trained here on a CPU in under two hours, on 5-second 64×64 clips of "
+        return ("A 5-million-parameter model trained here on a CPU in about 7 CPU-hours, on 5-second 64×64 clips of "
                 "one or two large shapes (red, yellow, green, blue, white) over black, dark grey, navy or white, "
                 "and of shapes that leave the frame and come back: it draws the prompted background and objects in "
                 "the prompted colours, as soft blobs rather than clean circles, squares or triangles. Leave the "
