@@ -12,7 +12,7 @@ model's own context costs (exposure bias); ``recon − teacher`` what the transf
 even from true context. Cache-free sampler (`training.probe.sample_blocks`), the model's steps,
 shift and guidance: the same maths as the `full` cache policy.
 
-    python -m analysis.exposure --model assets/tiny-world --seconds 5 --seeds 2 --out docs/eval/exposure.csv
+    python -m analysis.exposure --model assets/tiny-world --seconds 5 --seeds 4 --out docs/eval/exposure/round4_5s.csv
 """
 
 from __future__ import annotations
@@ -50,20 +50,29 @@ def summarise(table: pd.DataFrame) -> pd.DataFrame:
 
 def exposure_table(model_dir: Path, seconds: float = 5.0, seeds: int = 1) -> pd.DataFrame:
     """One row per (prompt, seed, source, block): strict / colour fidelity, objects, stray pixels."""
-    from analysis.probe import SEED_STRIDE, _to_uint8
+    from analysis.probe import SEED_STRIDE
     from packforcing.tiny_world import load_tiny_world
     from packforcing.training.data import to_pixels
     from packforcing.training.probe import sample_blocks
     from packforcing.training.v2 import EVAL_SEED_BASE_V2, HELDOUT_V2
     from packforcing.vae import pixel_frames
+    from packforcing.video import to_uint8
     from packforcing.world import Scene, world_spec
 
     pipe = load_tiny_world(model_dir)
     sampler, vae, world = pipe.sampler, pipe.vae, world_spec("v2")
     steps = sampler.timesteps
     bf, num_blocks = sampler.block_frames, max(2, round(seconds))
-    latent_hw = (world.height // vae.spatial_ratio, world.width // vae.spatial_ratio)
     rows = []
+
+    def rollout(text: torch.Tensor, blocks: int, gen: torch.Generator, context=None) -> torch.Tensor:
+        return sample_blocks(pipe.transformer, text, blocks, pipe.latent_hw, steps, sampler.guidance_scale, bf, gen,
+                             context=context)
+
+    def score(prompt: str, seed: int, source: str, latents: torch.Tensor, blocks: list[int]) -> None:
+        rows.extend({"prompt": prompt, "seed": seed, "source": source, **r}
+                    for r in block_scores(to_uint8(vae.decode(latents)), prompt, blocks, bf))
+
     for k, prompt in enumerate(HELDOUT_V2):
         text = pipe.text_encoder.encode(prompt)
         for repeat in range(seeds):
@@ -71,18 +80,12 @@ def exposure_table(model_dir: Path, seconds: float = 5.0, seeds: int = 1) -> pd.
             frames = Scene.from_caption(prompt, seed=seed, world=world).render(
                 pixel_frames(num_blocks * bf), world.height, world.width)
             truth = vae.encode(to_pixels(frames)[None])  # [1, 16, num_blocks·bf, h, w]
-            gen = torch.Generator().manual_seed(seed)
-            free = sample_blocks(pipe.transformer, text, num_blocks, latent_hw, steps, sampler.guidance_scale, bf, gen)
-            videos = {"recon": (_to_uint8(vae.decode(truth)[0]), range(num_blocks)),
-                      "free": (_to_uint8(vae.decode(free)[0]), range(num_blocks))}
-            for source, (video, blocks) in videos.items():
-                rows += [{"prompt": prompt, "seed": seed, "source": source, **r} for r in block_scores(video, prompt, list(blocks), bf)]
-            for block in range(1, num_blocks):
+            every_block = list(range(num_blocks))
+            score(prompt, seed, "recon", truth, every_block)
+            score(prompt, seed, "free", rollout(text, num_blocks, torch.Generator().manual_seed(seed)), every_block)
+            for block in range(1, num_blocks):  # from ground-truth blocks 0..block-1
                 gen = torch.Generator().manual_seed(seed * 100 + block)
-                latents = sample_blocks(pipe.transformer, text, 1, latent_hw, steps, sampler.guidance_scale, bf, gen,
-                                        context=truth[:, :, :block * bf])
-                video = _to_uint8(vae.decode(latents)[0])
-                rows += [{"prompt": prompt, "seed": seed, "source": "teacher", **r} for r in block_scores(video, prompt, [block], bf)]
+                score(prompt, seed, "teacher", rollout(text, 1, gen, truth[:, :, :block * bf]), [block])
             print(f"{prompt} / seed {seed}: done", flush=True)
     return pd.DataFrame(rows)
 

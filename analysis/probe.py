@@ -23,11 +23,6 @@ import torch
 from analysis.objects import failure_summary, object_frame_table, object_summary
 
 
-def _to_uint8(pixels: torch.Tensor) -> np.ndarray:
-    """[3, T, H, W] in [-1, 1] -> uint8 [T, H, W, 3]."""
-    return ((pixels.permute(1, 2, 3, 0).float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
-
-
 def run_sampler(run: Path, guidance: float, steps: list[float] | None = None, weights: str = "ema"):
     """A function (prompt, seed, seconds) -> uint8 video from the EMA (or live) weights of a v2 run."""
     import json
@@ -35,6 +30,7 @@ def run_sampler(run: Path, guidance: float, steps: list[float] | None = None, we
     from packforcing import train_v2
     from packforcing.training.probe import sample_blocks
     from packforcing.vae import WanVAE
+    from packforcing.video import to_uint8
     from packforcing.world import world_spec
 
     cfg = train_v2.V2Config.from_dict(json.loads((run / "config.json").read_text()))
@@ -50,7 +46,7 @@ def run_sampler(run: Path, guidance: float, steps: list[float] | None = None, we
         emb = text.encode(prompt)
         latents = sample_blocks(transformer, emb, blocks, latent_hw, steps, guidance,
                                 generator=torch.Generator().manual_seed(seed))
-        return _to_uint8(vae.decode(latents)[0])
+        return to_uint8(vae.decode(latents))
 
     return sample
 
@@ -67,7 +63,8 @@ SEED_STRIDE = 1000  # seed of prompt k, repeat r: EVAL_SEED_BASE_V2 + k + r * SE
 
 def probe(sample, seconds: float = 5.0, every: int = 2, seeds: int = 1) -> tuple[pd.DataFrame, list[np.ndarray]]:
     """One row per held-out prompt and seed (strict/colour fidelity, objects, stray fraction, and
-    `failure_summary`'s breakdown) + the videos. ``seeds`` > 1 repeats every prompt with further held-out seeds (prompt-major order)."""
+    `failure_summary`'s breakdown) + the videos. ``seeds`` > 1 repeats every prompt with further
+    held-out seeds (prompt-major order)."""
     from packforcing.training.v2 import EVAL_SEED_BASE_V2, HELDOUT_V2
 
     rows, videos = [], []

@@ -10,9 +10,7 @@ Prints the wall times and their ratio per run (a ratio, since the machine is sha
 
 from __future__ import annotations
 
-import json
 import time
-from pathlib import Path
 
 import torch
 
@@ -26,9 +24,8 @@ PROMPT = "a red circle bouncing over a navy background"
 def main(seconds: float = 20.0, repeats: int = 2) -> dict[str, list[float]]:
     torch.set_num_threads(1)
     shipped = load_tiny_world(TINY_WORLD_DIR)
-    config = json.loads((Path(TINY_WORLD_DIR) / "transformer" / "config.json").read_text())
-    config["patch_size"] = (1, 1, 1)
-    patch1 = Pipeline(CausalWanTransformer(**config).eval(), shipped.vae, shipped.text_encoder, None,
+    transformer = CausalWanTransformer.from_config(shipped.transformer.config, patch_size=(1, 1, 1)).eval()
+    patch1 = Pipeline(transformer, shipped.vae, shipped.text_encoder, None,
                       height=shipped.height, width=shipped.width, fps=shipped.fps, sampler=shipped.sampler,
                       name="patch 1 (random weights)")
     times: dict[str, list[float]] = {"patch 2 (shipped)": [], "patch 1": []}

@@ -32,27 +32,20 @@ def grow_layers(model: CausalWanTransformer, target_layers: int) -> CausalWanTra
     """A `CausalWanTransformer` with `target_layers` blocks: the trained blocks of `model` (copied),
     new blocks with zeroed output projections in between (`identity_layout`), the rest shared."""
     layout = identity_layout(model.config.num_layers, target_layers)
-    config = dict(model.config)
-    config["num_layers"] = target_layers
-    config["patch_size"] = tuple(config["patch_size"])
-    config = {k: v for k, v in config.items() if not k.startswith("_")}
-    grown = CausalWanTransformer(**config).to(next(model.parameters()).device)
-    state = {k: v for k, v in model.state_dict().items() if not k.startswith("blocks.")}
-    for layer, source in enumerate(layout):
-        if source is None:
-            continue
-        prefix = f"blocks.{source}."
-        state.update({f"blocks.{layer}.{k[len(prefix):]}": v for k, v in model.state_dict().items() if k.startswith(prefix)})
-    missing, unexpected = grown.load_state_dict(state, strict=False)
-    new_prefixes = tuple(f"blocks.{layer}." for layer, source in enumerate(layout) if source is None)
-    if unexpected or any(not k.startswith(new_prefixes) for k in missing):
+    grown = CausalWanTransformer.from_config(model.config, num_layers=target_layers,
+                                             patch_size=tuple(model.config.patch_size))
+    grown = grown.to(next(model.parameters()).device)
+    outside_blocks = {k: v for k, v in model.state_dict().items() if not k.startswith("blocks.")}
+    missing, unexpected = grown.load_state_dict(outside_blocks, strict=False)
+    if unexpected or any(not k.startswith("blocks.") for k in missing):
         raise RuntimeError(f"grow_layers: unexpected keys {unexpected}, missing {missing}")
-    for layer, source in enumerate(layout):
-        if source is None:
-            block = grown.blocks[layer]
-            for linear in (block.attn1.to_out[0], block.attn2.to_out[0], block.ffn.net[-1]):
-                linear.weight.zero_()
-                linear.bias.zero_()
+    for block, source in zip(grown.blocks, layout):
+        if source is not None:
+            block.load_state_dict(model.blocks[source].state_dict())
+            continue
+        for linear in (block.attn1.to_out[0], block.attn2.to_out[0], block.ffn.net[-1]):
+            linear.weight.zero_()
+            linear.bias.zero_()
     return grown.train(model.training)
 
 
