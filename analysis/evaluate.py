@@ -42,6 +42,9 @@ TABLE_COLUMNS = ["length_s", "policy", "prompts"] + METRIC_COLUMNS + [
     "peak_kv_tokens", "peak_kv_MB", "s_per_block", "first_block_s", "wall_s"]
 
 
+GROUND_TRUTH = "ground truth (world generator)"
+
+
 @dataclass
 class PolicySpec:
     label: str
@@ -291,10 +294,12 @@ def main(argv=None) -> int:
         prompts = heldout_prompts(n_long if seconds >= args.long_from else n_prompts, args.prompt_offset, world)
         for prompt, seed in prompts:
             rows = []
-            if (float(seconds), "ground truth (world generator)", prompt, seed) not in done:
+            if (float(seconds), GROUND_TRUTH, prompt, seed) not in done:
                 gt = ground_truth(prompt, seed, seconds, pipe.height, pipe.width, world)
-                rows.append(dict(length_s=float(seconds), policy="ground truth (world generator)", prompt=prompt,
+                rows.append(dict(length_s=float(seconds), policy=GROUND_TRUTH, prompt=prompt,
                                  seed=seed, **score(gt, prompt)))
+                if not args.no_strips:
+                    save_strip(gt, out / "strips" / f"{seconds:g}s_p{seed - 1_000_000}_{_slug(GROUND_TRUTH)}.png")
             for spec in specs:
                 if (float(seconds), spec.label, prompt, seed) in done:
                     continue
@@ -339,10 +344,29 @@ def _timing(args, out: Path) -> int:
     return 0
 
 
+def compare_strips(runs: pd.DataFrame, out: Path) -> list[Path]:
+    """Per (length, prompt): the frame strips of the ground truth and of every policy that is not an
+    ablation or variant, top to bottom in run order, as ``OUT/<length>s_p<k>_compare.png`` (strips
+    that were not saved are left out)."""
+    import imageio.v2 as imageio
+
+    labels = [p for p in dict.fromkeys(runs["policy"]) if not str(p).startswith(" ")]
+    written = []
+    for (length, seed), _ in runs.groupby(["length_s", "seed"], sort=True):
+        stem = f"{length:g}s_p{seed - 1_000_000}"
+        paths = [out / "strips" / f"{stem}_{_slug(label)}.png" for label in labels]
+        rows = [imageio.imread(path) for path in paths if path.exists()]
+        if len(rows) > 1:
+            written.append(out / f"{stem}_compare.png")
+            imageio.imwrite(written[-1], np.concatenate(rows, axis=0))
+    return written
+
+
 def _write_table(runs: pd.DataFrame, out: Path) -> int:
     table = summarize_runs(runs)
     table.to_csv(out / "table.csv", index=False)
     (out / "table.md").write_text(to_markdown(table))
+    compare_strips(runs, out)
     print((out / "table.md").read_text())
     return 0
 

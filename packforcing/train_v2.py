@@ -23,7 +23,7 @@ Phases (each resumable, each lands weights without optimizer state in ``OUT/<pha
 
 Every random draw of a step comes from ``(seed, step)``, so ``--resume`` continues bit-identically
 (`packforcing.training.loop`). Data are generated on the fly: no fixed clip set. The recipe and its
-measurements: docs/tiny_world_v2.md; the exact commands: scripts/train_tiny_world_v2.sh.
+measurements: docs/tiny_world.md; the exact commands: scripts/train_tiny_world_v2.sh.
 """
 
 from __future__ import annotations
@@ -81,6 +81,7 @@ class V2Config(TinyRecipe):
     memory_entrance_fraction: float = 0.0  # share of memory clips that start empty (the object enters later)
     memory_ema: float = 0.995  # starts at the (trained) init weights, so no bias correction is needed
     memory_grow_layers: int = 0  # > the init's layers: deepen it first with identity blocks (training.grow)
+    shape_groups: int = 0  # per step: scenes drawn in every shape as extra first blocks (training.v2.shape_group)
     # vae_sharp phase: the decoder of an exported model's VAE fine-tuned for outlines (encoder frozen)
     vae_sharp_init: str = "assets/tiny-world"
     vae_sharp_steps: int = 1500
@@ -245,7 +246,7 @@ def train_memory(cfg: V2Config, out: Path, resume: bool, progress: bool = True, 
     stage = TransformerV2Stage(transformer, text, pool, TransformerV2Config(
         shift=cfg.sample_shift, inference_steps=tuple(cfg.inference_timesteps()), clip_batch=cfg.clip_batch,
         first_batch=cfg.first_batch, p_uncond=cfg.p_uncond, ema=cfg.memory_ema, bf16=cfg.bf16, seed=cfg.seed + 40,
-        p_self_context=cfg.p_self_context, self_context_from=0))
+        p_self_context=cfg.p_self_context, self_context_from=0, shape_groups=cfg.shape_groups))
     loop = LoopConfig(cfg.memory_steps, cfg.memory_lr, warmup=20, checkpoint_every=cfg.checkpoint_every,
                       progress=progress, desc="memory", stop_at=stop_at)
     return run_stage(stage, out / "memory", loop, resume)

@@ -19,7 +19,7 @@ $T transformer --stage-dir transformer_ft500 --transformer-steps 500 --transform
    --transformer-object-weight 0 --transformer-init "$OUT/transformer_oldlatents/checkpoint.safetensors"
 $T vae_decoder_ft --vae-decoder-ft-steps 1500 --vae-decoder-ft-lr 8e-4   # colours of small objects
 # object-weighted loss: the model learns to draw objects at all (but over-draws them: the weights
-# depend on the target, which biases the prediction towards "object"; see docs/tiny_world.md) ...
+# depend on the target, which biases the prediction towards "object"; see docs/tiny_world_v1.md) ...
 $T transformer --stage-dir transformer_obj2000 --transformer-steps 2000 --transformer-lr 3e-4 \
    --transformer-object-weight 4 --transformer-init "$OUT/transformer_ft500/checkpoint.safetensors"
 # ... then an unweighted fine-tune removes the bias, but 600 steps of it drift back towards drawing

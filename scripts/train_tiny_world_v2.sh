@@ -66,7 +66,7 @@ $PY -m packforcing.train_v2 --out "$R4" --resume --threads 1 --device "$DEVICE" 
 $PY -m packforcing.train_v2 --out "$R4" --resume export_memory --memory-init "$R3B/export" --export "$R4/export"
 distill_hr "$R4/export" "$R4"
 # shipped: the directory $R4/export copied to assets/tiny-world
-# --- measured, not shipped (docs/tiny_world_v2.md says why) -----------------------------------------
+# --- measured, not shipped (docs/tiny_world.md says why) -----------------------------------------
 # round 4 with the model deepened to 6 layers first (identity blocks; same data and steps as round 4):
 #   $PY -m packforcing.train_v2 --out runs/tw-r4-deep --resume --threads 1 memory --memory-init "$R3B/export" \
 #     --memory-steps 1500 --memory-fraction 0.25 --memory-entrance-fraction 0.5 --seed 17 --memory-grow-layers 6
@@ -75,3 +75,7 @@ distill_hr "$R4/export" "$R4"
 #   $PY -m packforcing.train_v2 --out "$R2" --resume export_vae_sharp --vae-sharp-init "$R2_EXPORT" --export "$R2/export-sharp"
 # a compressor distilled on samples where the object returns (64 ground-truth memory clips, sink left out):
 #   $PY -m packforcing.training.distill ... --memory-clips 64 --sink-frames 4 --recent-frames 4 --steps 1500
+# round 5: round 4 + 1,500 steps with 2 shape-contrast groups per step (a scene in every shape, text-only first
+# blocks; the shape words stayed unread):
+#   $PY -m packforcing.train_v2 --out runs/tw-r5s --resume --threads 1 memory --memory-init "$R4/export" \
+#     --memory-steps 1500 --memory-fraction 0.25 --memory-entrance-fraction 0.5 --seed 19 --shape-groups 2

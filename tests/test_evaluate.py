@@ -53,3 +53,21 @@ def test_runs_without_the_strict_columns_still_summarize():
     table = summarize_runs(old)
     assert table["fidelity"].iloc[0] == 0.5 and table["strict_fidelity"].isna().all()
     assert set(METRIC_COLUMNS) <= set(table.columns)
+
+
+def test_compare_strip_stacks_ground_truth_and_the_main_policies_in_run_order(tmp_path):
+    import imageio.v2 as imageio
+
+    assert main(["--quick", "--out", str(tmp_path)]) == 0
+    runs = pd.read_csv(tmp_path / "runs.csv")
+    compares = sorted(tmp_path.glob("*_compare.png"))
+    assert len(compares) == 1
+    main_labels = [p for p in dict.fromkeys(runs["policy"]) if not p.startswith(" ")]
+    assert main_labels[0] == "ground truth (world generator)" and len(main_labels) < runs["policy"].nunique()
+    strips = sorted((tmp_path / "strips").glob("*.png"))
+    one = imageio.imread(strips[0])
+    stacked = imageio.imread(compares[0])
+    assert stacked.shape == (one.shape[0] * len(main_labels), one.shape[1], 3)
+    # the top row is the ground truth's strip, the second the first policy's
+    gt = next(p for p in strips if "ground_truth" in p.name)
+    assert (stacked[: one.shape[0]] == imageio.imread(gt)).all()

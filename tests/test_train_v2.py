@@ -148,6 +148,44 @@ def test_self_generated_context_changes_the_training_context(toy_run):
     assert np.isfinite(losses).all() and losses[0] != losses[1]
 
 
+def test_shape_variants_change_only_the_first_objects_shape_and_keep_its_area():
+    from packforcing.training.v2 import shape_variants
+
+    shapes = world_spec("v2").shapes
+    rng, short = np.random.default_rng(3), 0
+    for _ in range(300):
+        scene = training_scene(rng)
+        variants = shape_variants(scene, shapes)
+        short += len(variants) < len(shapes)
+        assert not any(is_heldout(v.caption()) for v in variants)
+        assert len({v.objects[0].shape for v in variants}) == len(variants)
+        for v in variants:
+            assert v.background == scene.background and v.objects[1:] == scene.objects[1:]
+            a, b = v.objects[0], scene.objects[0]
+            assert (a.colour, a.x, a.y, a.vx, a.vy) == (b.colour, b.x, b.y, b.vx, b.vy)
+            assert a.area == pytest.approx(b.area)
+            if a.shape != b.shape:
+                assert not np.array_equal(v.render(1, 64, 64), scene.render(1, 64, 64))
+    assert short > 0  # some scenes are one shape away from a held-out caption: that shape is left out
+
+
+def test_shape_groups_add_first_blocks_without_changing_the_rest_of_a_step(toy_run):
+    from packforcing.training.v2 import TransformerV2Config, TransformerV2Stage
+
+    vae = train_v2.final_vae(TOY, toy_run)
+    totals, stage = [], None
+    for groups in (0, 1):
+        torch.manual_seed(0)
+        model, text = train_v2.build_transformer(TOY), train_v2.build_text(TOY)
+        stage = TransformerV2Stage(model, text, ClipPool(vae, 3), TransformerV2Config(
+            clip_batch=0, first_batch=2, bf16=False, shape_groups=groups))
+        totals.append(float(stage.loss(4).detach()))
+    group_loss, count = stage.shape_group_loss(4)
+    assert count >= 2 and np.isfinite(totals).all()
+    # the ordinary first blocks draw what they drew without groups; the groups share their half by count
+    assert totals[1] == pytest.approx((2 * totals[0] + count * float(group_loss.detach())) / (2 + count), rel=1e-5)
+
+
 def test_export_writes_a_loadable_tiny_world_from_the_ema_weights(toy_run, tmp_path):
     import json
     import shutil

@@ -68,12 +68,12 @@ def model_note(name: str) -> str:
                 "and of shapes that leave the frame and come back: it draws the prompted background and objects in "
                 "the prompted colours, as soft blobs rather than clean circles, squares or triangles. Leave the "
                 "colour out (\"a square bouncing over a black background\") for the memory test: will it come "
-                "back in the same colour? (see docs/tiny_world_v2.md). The cache behaviour, timings and analysis "
+                "back in the same colour? (see docs/tiny_world.md). The cache behaviour, timings and analysis "
                 "are real.")
     if "tiny-world" in name:
         return ("A 5-million-parameter model trained here on a CPU, on 5-second clips of bouncing shapes: it "
                 "draws the prompted background and moving blobs, often not in the prompted colours and not "
-                "yet as clean shapes (see docs/tiny_world.md). The cache behaviour, timings and analysis are real.")
+                "yet as clean shapes (see docs/tiny_world_v1.md). The cache behaviour, timings and analysis are real.")
     return ""
 
 

@@ -14,11 +14,15 @@ and the transformer stage (teacher forcing + text-only first blocks, caption dro
   context blocks are, with probability `p_self_context`, the model's own one-step reconstruction of
   noised ground truth (`probe.denoise_context`), so it learns to continue from its own imperfect
   blocks while the ground-truth target stays valid. This is not a free rollout (no DMD here).
+  Optional ``shape_groups``: scenes drawn in every shape (`shape_group`) as extra first blocks, one
+  noise draw per group, so only the shape word tells them apart (tried in round 5; it did not teach
+  the shape words: docs/tiny_world.md).
 """
 
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -127,6 +131,36 @@ class ClipPool:
         return self
 
 
+def shape_variants(scene: Scene, shapes) -> list[Scene]:
+    """`scene` with its first object in each of `shapes`, same colour, place, motion and *area*
+    (its `size` rescaled by the shapes' area factors); variants with a held-out caption left out."""
+    from dataclasses import replace
+
+    from ..world.scenes import SHAPE_AREA
+
+    first, out = scene.objects[0], []
+    for shape in shapes:
+        size = first.size * math.sqrt(SHAPE_AREA[first.shape] / SHAPE_AREA[shape])
+        variant = replace(scene, objects=(replace(first, shape=shape, size=size), *scene.objects[1:]))
+        if not is_heldout(variant.caption()):
+            out.append(variant)
+    return out
+
+
+@torch.no_grad()
+def shape_group(rng: np.random.Generator, pool: ClipPool, block_frames: int = 4) -> list[tuple[str, torch.Tensor]]:
+    """[(caption, normalised latents [C, block_frames, h, w] of its first block)] of one random
+    training scene in every shape of the world (`shape_variants`), encoded by the pool's VAE."""
+    from ..vae import pixel_frames
+
+    world, frames, out = pool.world, pixel_frames(block_frames), []
+    for variant in shape_variants(training_scene(rng, world), world.shapes):
+        pixels = to_pixels(variant.render(frames, world.height, world.width))[None].to(pool.device)
+        raw = pool.vae.encode(pixels).latent_dist.mean
+        out.append((variant.caption(), ((raw - pool.mean) / pool.std)[0]))
+    return out
+
+
 def latent_statistics(vae, count: int = 48, clip_frames: int = 77, world="v2", seed: int = 0):
     """Per-channel mean and std of the raw posterior means of `count` random training clips."""
     world = world_spec(world)
@@ -157,6 +191,10 @@ class TransformerV2Config(TransformerStageConfig):
     self_context_from: int = 0
     self_context_sigma: tuple[float, float] = (0.2, 0.7)
     ema: float = 0.999
+    # shape-contrast groups: per step, this many fresh scenes, each rendered with its first object in
+    # every shape of the world (same place, area, motion, colours), as extra text-only first blocks
+    # sharing one noise draw and timestep per group; only the shape word tells them apart
+    shape_groups: int = 0
 
 
 class TransformerV2Stage:
@@ -227,7 +265,37 @@ class TransformerV2Stage:
             with self._autocast():
                 out = self.model.forward_sequence(x_t, t.to(self.device)[:, None].expand(-1, b), text[c.clip_batch:])
             losses.append((out.float() - target).pow(2).mean())
+        if c.shape_groups:  # more text-only first blocks: they share the first blocks' half of the loss
+            group_loss, count = self.shape_group_loss(step)
+            if c.first_batch:
+                losses[-1] = (losses[-1] * c.first_batch + group_loss * count) / (c.first_batch + count)
+            else:
+                losses.append(group_loss)
         return torch.stack(losses).mean()
+
+    def shape_group_loss(self, step: int) -> tuple[torch.Tensor, int]:
+        """(mean flow-matching loss, first blocks) of `shape_groups` shape-contrast groups of
+        text-only first blocks (own random streams: the rest of the step draws what it always drew)."""
+        c, b = self.cfg, self.cfg.block_frames
+        gen, rng = step_rng(c.seed, step, salt=9)
+        captions, x0s, groups = [], [], []
+        for g in range(c.shape_groups):
+            for caption, latents in shape_group(rng, self.pool, b):
+                captions.append(caption)
+                x0s.append(latents)
+                groups.append(g)
+        x0 = torch.stack(x0s).float()
+        drop = torch.rand(len(captions), generator=gen) < c.p_uncond
+        text = self.embed(captions, drop)
+        t_group = sample_timesteps(c.shape_groups, gen, c.shift, list(c.inference_steps), c.p_inference)
+        eps_group = torch.randn((c.shape_groups, *x0.shape[1:]), generator=gen)
+        index = torch.tensor(groups)
+        sigma = (t_group[index] / 1000.0).view(-1, 1, 1, 1, 1).to(self.device)
+        eps = eps_group[index].to(self.device)
+        x_t, target = (1 - sigma) * x0 + sigma * eps, eps - x0
+        with self._autocast():
+            out = self.model.forward_sequence(x_t, t_group[index].to(self.device)[:, None].expand(-1, b), text)
+        return (out.float() - target).pow(2).mean(), len(captions)
 
     @torch.no_grad()
     def after_step(self, step: int) -> None:
@@ -245,4 +313,4 @@ def _noise_first_blocks(x0: torch.Tensor, t: torch.Tensor, gen: torch.Generator,
 
 
 __all__ = ["ClipPool", "EVAL_SEED_BASE_V2", "HELDOUT_V2", "TransformerV2Config", "TransformerV2Stage",
-           "caption_key", "is_heldout", "latent_statistics", "training_scene"]
+           "caption_key", "is_heldout", "latent_statistics", "shape_group", "shape_variants", "training_scene"]

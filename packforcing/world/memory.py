@@ -90,7 +90,7 @@ def training_clip(rng, world: WorldSpec | str = WORLD_V2, gap_range_s: tuple[flo
     absences last `ENTRANCE_GAP_S`, from its first frame, so the frame is empty for the first
     1.5-3 s and then the object comes in, as in a test scene (whose object first appears after the
     sink). Without entrance clips no training clip ever starts empty, and a long fine-tune learns
-    that an empty start stays empty (measured: docs/tiny_world_v2.md, round 3). At 0 the draws are
+    that an empty start stays empty (measured: docs/tiny_world.md, round 3). At 0 the draws are
     exactly those of the function before the option existed."""
     rng, world = _rng(rng), world_spec(world)
     if entrance_fraction > 0 and rng.random() < entrance_fraction:
