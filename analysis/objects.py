@@ -87,6 +87,26 @@ def shape_class(blob: np.ndarray, hidden: np.ndarray, min_iou: float = 0.75) -> 
     return (best if best_iou >= min_iou else None), best_iou
 
 
+def best_shape(frame: np.ndarray, colour: str, background_rgb, tol: float = 60.0, min_area: float = 0.01) -> str | None:
+    """The template (circle / square / triangle) that best matches the largest blob of `colour` in
+    uint8 [H, W, 3] `frame`, with no IoU threshold (every blob gets a class: chance is 1/3 when the
+    outline says nothing); None if no blob of `colour` covers `min_area` of the frame. For
+    diagnostics of *which* shape a model draws (`scripts/measure_text_binding.py`)."""
+    labels, names = classify_pixels(frame, background_rgb, tol)
+    if colour not in names:
+        return None
+    mine = labels == names.index(colour)
+    groups, n = ndimage.label(mine)
+    if n == 0:
+        return None
+    sizes = ndimage.sum(mine, groups, range(1, n + 1))
+    blob = groups == (int(np.argmax(sizes)) + 1)
+    if blob.sum() < min_area * blob.size:
+        return None
+    ious = _template_iou(blob, np.zeros_like(blob), _box(blob))
+    return max(ious, key=ious.get)
+
+
 def classify_pixels(frame: np.ndarray, background_rgb, tol: float = 60.0) -> tuple[np.ndarray, list[str]]:
     """Palette index per pixel, int [H, W]: k < len(names) = that object colour, len(names) =
     background, -1 = other. Object colours too close to the background to be used on it

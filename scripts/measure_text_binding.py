@@ -34,7 +34,7 @@ import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from analysis.objects import SHAPE_NAMES, _box, _template_iou, classify_pixels  # noqa: E402
+from analysis.objects import SHAPE_NAMES, best_shape  # noqa: E402
 from packforcing.world import BACKGROUNDS, Scene, world_spec  # noqa: E402
 from packforcing.world.palette import colours_for  # noqa: E402
 
@@ -43,22 +43,7 @@ BACKGROUNDS_USED = ("black", "navy")
 
 
 def best_template(frame: np.ndarray, colour: str, background: str) -> str | None:
-    """Best-matching template of the largest blob of `colour` in a uint8 [H, W, 3] frame (None: no blob)."""
-    from scipy import ndimage
-
-    labels, names = classify_pixels(frame, BACKGROUNDS[background])
-    if colour not in names:
-        return None
-    mine = labels == names.index(colour)
-    groups, n = ndimage.label(mine)
-    if n == 0:
-        return None
-    sizes = ndimage.sum(mine, groups, range(1, n + 1))
-    blob = groups == (int(np.argmax(sizes)) + 1)
-    if blob.sum() < 0.01 * blob.size:
-        return None
-    ious = _template_iou(blob, np.zeros_like(blob), _box(blob))
-    return max(ious, key=ious.get)
+    return best_shape(frame, colour, BACKGROUNDS[background])
 
 
 def caption(colour: str, shape: str, background: str) -> str:

@@ -5,7 +5,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from analysis.objects import failure_summary, object_frame_table, object_summary, shape_class
+from analysis.objects import best_shape, failure_summary, object_frame_table, object_summary, shape_class
 from packforcing.world import Scene, contrasts, world_spec
 
 SHAPES = ("circle", "square", "triangle")
@@ -27,6 +27,28 @@ def test_shape_class_of_each_rendered_shape(shape):
     blob = frame.astype(int).sum(-1) > 200
     got, iou = shape_class(blob, np.zeros_like(blob))
     assert got == shape and iou > 0.85
+
+
+def test_best_shape_reads_ground_truth_and_is_fooled_only_by_what_hides_the_outline():
+    from scipy import ndimage
+
+    from packforcing.world import BACKGROUNDS
+
+    seen, kept = 0, []
+    for seed in range(40):
+        scene = Scene.sample(seed, num_objects=1, world="v2")
+        obj, bg = scene.objects[0], BACKGROUNDS[scene.background]
+        frames = scene.render(12, 64, 64)
+        for frame in frames[::3]:
+            assert best_shape(frame, obj.colour, bg) == obj.shape  # ground truth, every shape
+            seen += 1
+        others = [c for c in world_spec("v2").colours if c != obj.colour and contrasts(c, scene.background)]
+        assert best_shape(frames[0], others[0], bg) is None  # no blob of an absent colour
+        # a strong blur rounds every outline: squares and triangles are read as circles (or lost)
+        blurred = ndimage.gaussian_filter(frames[0].astype(np.float32), sigma=(6, 6, 0)).round().astype(np.uint8)
+        if obj.shape != "circle":
+            kept.append(best_shape(blurred, obj.colour, bg) == obj.shape)
+    assert seen == 160 and len(kept) > 20 and np.mean(kept) < 0.1
 
 
 @pytest.mark.parametrize("world", ["v1", "v2"])
