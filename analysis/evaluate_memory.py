@@ -80,10 +80,11 @@ def markdown(table: pd.DataFrame) -> str:
 
 def compare_strip(out: Path, length: float, scene: int, labels: list[str]) -> Path:
     """One image: the frame strips of ``scene`` at ``length`` for ``labels`` (top to bottom), as
-    ``OUT/<length>s_scene<i>_compare.png``."""
+    ``OUT/<length>s_scene<i>_compare.png`` (written for every scene of a run)."""
     import imageio.v2 as imageio
 
-    rows = [imageio.imread(out / "strips" / f"{int(length)}s_scene{scene}_{_slug(label)}.png") for label in labels]
+    paths = [out / "strips" / f"{int(length)}s_scene{scene}_{_slug(label)}.png" for label in labels]
+    rows = [imageio.imread(p) for p in paths if p.exists()]  # strips never saved are left out
     path = out / f"{int(length)}s_scene{scene}_compare.png"
     imageio.imwrite(path, np.concatenate(rows, axis=0))
     return path
@@ -148,7 +149,8 @@ def main(argv=None) -> int:
                       f"identity kept {row['identity_kept']:.2f}  first {row['first_colour']} {row['first_shape']}",
                       flush=True)
     for length in args.lengths:
-        compare_strip(out, length, 0, ["ground truth", *[spec.label for spec in specs[:6]]])
+        for i in range(args.scenes):
+            compare_strip(out, length, i, ["ground truth", *[spec.label for spec in specs[:6]]])
     table = summarize(pd.read_csv(runs_path))
     (out / "table.md").write_text(f"Command: `python -m analysis.evaluate_memory --lengths "
                                   f"{' '.join(f'{x:g}' for x in args.lengths)} --scenes {args.scenes}`\n\n"

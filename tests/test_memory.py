@@ -156,3 +156,18 @@ def test_every_example_prompt_is_in_the_embedded_models_world():
     examples = load_examples()
     assert len(examples) >= 6 and any("bouncing over" in e and not set(e.split()[:2]) & set(COLOURS) for e in examples)
     assert [e for e in examples if studio.prompt_warning(e) is not None] == []
+
+
+def test_compare_strip_stacks_the_saved_strips_of_a_scene_and_skips_missing_ones(tmp_path):
+    import imageio.v2 as imageio
+
+    from analysis.evaluate_memory import _slug, compare_strip
+
+    (tmp_path / "strips").mkdir()
+    rows = {"ground truth": 10, "full": 20}  # "window" was never saved
+    for label, value in rows.items():
+        imageio.imwrite(tmp_path / "strips" / f"120s_scene2_{_slug(label)}.png", np.full((6, 30, 3), value, np.uint8))
+    path = compare_strip(tmp_path, 120, 2, ["ground truth", "window", "full"])
+    stacked = imageio.imread(path)
+    assert path.name == "120s_scene2_compare.png" and stacked.shape == (12, 30, 3)
+    assert (stacked[:6] == 10).all() and (stacked[6:] == 20).all()
