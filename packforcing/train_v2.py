@@ -82,6 +82,7 @@ class V2Config(TinyRecipe):
     memory_ema: float = 0.995  # starts at the (trained) init weights, so no bias correction is needed
     memory_grow_layers: int = 0  # > the init's layers: deepen it first with identity blocks (training.grow)
     shape_groups: int = 0  # per step: scenes drawn in every shape as extra first blocks (training.v2.shape_group)
+    input_weight: float = 0.0  # memory phase: loss weight of cells by what the noisy input shows (training.v2.input_weights)
     # vae_sharp phase: the decoder of an exported model's VAE fine-tuned for outlines (encoder frozen)
     vae_sharp_init: str = "assets/tiny-world"
     vae_sharp_steps: int = 1500
@@ -246,7 +247,8 @@ def train_memory(cfg: V2Config, out: Path, resume: bool, progress: bool = True, 
     stage = TransformerV2Stage(transformer, text, pool, TransformerV2Config(
         shift=cfg.sample_shift, inference_steps=tuple(cfg.inference_timesteps()), clip_batch=cfg.clip_batch,
         first_batch=cfg.first_batch, p_uncond=cfg.p_uncond, ema=cfg.memory_ema, bf16=cfg.bf16, seed=cfg.seed + 40,
-        p_self_context=cfg.p_self_context, self_context_from=0, shape_groups=cfg.shape_groups))
+        p_self_context=cfg.p_self_context, self_context_from=0, shape_groups=cfg.shape_groups,
+        input_weight=cfg.input_weight))
     loop = LoopConfig(cfg.memory_steps, cfg.memory_lr, warmup=20, checkpoint_every=cfg.checkpoint_every,
                       progress=progress, desc="memory", stop_at=stop_at)
     return run_stage(stage, out / "memory", loop, resume)

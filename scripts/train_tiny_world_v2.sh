@@ -79,3 +79,7 @@ distill_hr "$R4/export" "$R4"
 # blocks; the shape words stayed unread):
 #   $PY -m packforcing.train_v2 --out runs/tw-r5s --resume --threads 1 memory --memory-init "$R4/export" \
 #     --memory-steps 1500 --memory-fraction 0.25 --memory-entrance-fraction 0.5 --seed 19 --shape-groups 2
+# round 5: round 4 + 1,500 steps with the input-weighted loss (cells weighted by what the noisy input shows;
+# the best 5 s probe so far, not yet re-evaluated in full):
+#   $PY -m packforcing.train_v2 --out runs/tw-r5w --resume --threads 1 memory --memory-init "$R4/export" \
+#     --memory-steps 1500 --memory-fraction 0.25 --memory-entrance-fraction 0.5 --seed 19 --input-weight 4

@@ -186,6 +186,34 @@ def test_shape_groups_add_first_blocks_without_changing_the_rest_of_a_step(toy_r
     assert totals[1] == pytest.approx((2 * totals[0] + count * float(group_loss.detach())) / (2 + count), rel=1e-5)
 
 
+def test_input_weights_depend_on_the_noisy_input_only_and_favour_what_is_not_background():
+    from packforcing.training.v2 import input_weights
+
+    gen = torch.Generator().manual_seed(0)
+    x_t = 0.1 * torch.randn(3, 16, 4, 8, 8, generator=gen)
+    x_t[:, :, :, 2:4, 3:5] += 2.0  # an "object" in every frame
+    w = input_weights(x_t, 4.0)
+    assert w.shape == (3, 1, 4, 8, 8) and torch.allclose(w.mean(dim=(3, 4)), torch.ones(3, 1, 4))
+    assert (w[..., 2:4, 3:5].amin() > 2 * w[..., 6:, :2].amax())  # object cells outweigh far background
+    assert torch.equal(input_weights(x_t, 0.0), torch.ones(3, 1, 4, 8, 8))
+    # a function of x_t alone: the same input gives the same weights, whatever the target would be
+    assert torch.equal(input_weights(x_t.clone(), 4.0), w)
+
+
+def test_the_input_weighted_loss_is_the_plain_loss_at_strength_zero(toy_run):
+    from packforcing.training.v2 import TransformerV2Config, TransformerV2Stage
+
+    vae = train_v2.final_vae(TOY, toy_run)
+    losses = []
+    for strength in (None, 0.0, 4.0):
+        torch.manual_seed(0)
+        model, text = train_v2.build_transformer(TOY), train_v2.build_text(TOY)
+        extra = {} if strength is None else {"input_weight": strength}
+        stage = TransformerV2Stage(model, text, ClipPool(vae, 3), TransformerV2Config(first_batch=2, bf16=False, **extra))
+        losses.append(float(stage.loss(2).detach()))
+    assert losses[0] == losses[1] and losses[2] != losses[0] and np.isfinite(losses).all()
+
+
 def test_export_writes_a_loadable_tiny_world_from_the_ema_weights(toy_run, tmp_path):
     import json
     import shutil

@@ -195,6 +195,12 @@ class TransformerV2Config(TransformerStageConfig):
     # every shape of the world (same place, area, motion, colours), as extra text-only first blocks
     # sharing one noise draw and timestep per group; only the shape word tells them apart
     shape_groups: int = 0
+    # input-weighted loss: each latent cell's squared error weighs 1 + input_weight·d/max(d), d = how far
+    # the *noisy input* x_t is from its frame's median there (dilated 3×3), normalised to mean 1 per
+    # frame. The weights depend on the input only, so the loss's minimiser stays E[v | x_t]: unlike
+    # v1's target-weighted loss this cannot bias the model towards objects; it only spends more of
+    # the gradient where x_t shows something other than background
+    input_weight: float = 0.0
 
 
 class TransformerV2Stage:
@@ -257,14 +263,15 @@ class TransformerV2Stage:
             with self._autocast():
                 out = self.model.forward_sequence(seq, timestep, text[: c.clip_batch], positions.to(self.device),
                                                   mask.to(self.device))
-            losses.append((out[:, :, clean.shape[2]:].float() - target).pow(2).mean())
+            weight = input_weights(x_t, c.input_weight)
+            losses.append((weight * (out[:, :, clean.shape[2]:].float() - target).pow(2)).mean())
         if c.first_batch:  # text-only first blocks
             x0 = pool.latents[picks[c.clip_batch:], :, :b].float()
             t = sample_timesteps(c.first_batch, gen, c.shift, list(c.inference_steps), c.p_inference)
             x_t, target, _ = _noise_first_blocks(x0, t, gen, self.device)
             with self._autocast():
                 out = self.model.forward_sequence(x_t, t.to(self.device)[:, None].expand(-1, b), text[c.clip_batch:])
-            losses.append((out.float() - target).pow(2).mean())
+            losses.append((input_weights(x_t, c.input_weight) * (out.float() - target).pow(2)).mean())
         if c.shape_groups:  # more text-only first blocks: they share the first blocks' half of the loss
             group_loss, count = self.shape_group_loss(step)
             if c.first_batch:
@@ -305,6 +312,20 @@ class TransformerV2Stage:
                 e.lerp_(p.detach(), 1 - self.cfg.ema)
 
 
+def input_weights(x_t: torch.Tensor, strength: float) -> torch.Tensor:
+    """Per-cell loss weights [B, 1, F, h, w] of noisy latents x_t [B, C, F, h, w], a function of x_t
+    alone: 1 + strength·d/max(d), d = the channel norm of x_t minus its per-frame spatial median,
+    max-pooled 3×3 (an object's outline and its neighbours), normalised to mean 1 per frame.
+    ``strength`` 0 gives all ones."""
+    if strength == 0:
+        return torch.ones_like(x_t[:, :1])
+    flat = x_t.flatten(3)  # [B, C, F, h·w]
+    d = (flat - flat.median(dim=3, keepdim=True).values).norm(dim=1).view_as(x_t[:, 0])  # [B, F, h, w]
+    d = torch.nn.functional.max_pool2d(d.flatten(0, 1)[:, None], 3, stride=1, padding=1).view_as(d)
+    w = 1 + strength * d / d.flatten(2).amax(dim=2)[..., None, None].clamp_min(1e-6)
+    return (w / w.mean(dim=(2, 3), keepdim=True))[:, None]
+
+
 def _noise_first_blocks(x0: torch.Tensor, t: torch.Tensor, gen: torch.Generator, device):
     """Flow-matching noising with one timestep per item: x0 [B,C,F,h,w], t [B]."""
     eps = torch.randn(x0.shape, generator=gen).to(device)
@@ -313,4 +334,4 @@ def _noise_first_blocks(x0: torch.Tensor, t: torch.Tensor, gen: torch.Generator,
 
 
 __all__ = ["ClipPool", "EVAL_SEED_BASE_V2", "HELDOUT_V2", "TransformerV2Config", "TransformerV2Stage",
-           "caption_key", "is_heldout", "latent_statistics", "shape_group", "shape_variants", "training_scene"]
+           "caption_key", "input_weights", "is_heldout", "latent_statistics", "shape_group", "shape_variants", "training_scene"]
