@@ -344,21 +344,29 @@ def _timing(args, out: Path) -> int:
     return 0
 
 
+def stack_strips(paths: list[Path], dest: Path, min_rows: int = 1) -> Path | None:
+    """The strip PNGs among `paths` that exist, top to bottom in one image at `dest`; nothing is
+    written (None) when fewer than `min_rows` exist."""
+    import imageio.v2 as imageio
+
+    rows = [imageio.imread(path) for path in paths if path.exists()]
+    if len(rows) < min_rows:
+        return None
+    imageio.imwrite(dest, np.concatenate(rows, axis=0))
+    return dest
+
+
 def compare_strips(runs: pd.DataFrame, out: Path) -> list[Path]:
     """Per (length, prompt): the frame strips of the ground truth and of every policy that is not an
     ablation or variant, top to bottom in run order, as ``OUT/<length>s_p<k>_compare.png`` (strips
-    that were not saved are left out)."""
-    import imageio.v2 as imageio
-
+    that were not saved are left out; at least two are needed)."""
     labels = [p for p in dict.fromkeys(runs["policy"]) if not str(p).startswith(" ")]
     written = []
     for (length, seed), _ in runs.groupby(["length_s", "seed"], sort=True):
         stem = f"{length:g}s_p{seed - 1_000_000}"
         paths = [out / "strips" / f"{stem}_{_slug(label)}.png" for label in labels]
-        rows = [imageio.imread(path) for path in paths if path.exists()]
-        if len(rows) > 1:
+        if stack_strips(paths, out / f"{stem}_compare.png", min_rows=2):
             written.append(out / f"{stem}_compare.png")
-            imageio.imwrite(written[-1], np.concatenate(rows, axis=0))
     return written
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from analysis.evaluate import FPS, PolicySpec, _append, run_one, save_strip
+from analysis.evaluate import FPS, PolicySpec, _append, run_one, save_strip, stack_strips
 from analysis.memory import memory_score
 
 SEED_BASE = 2_000_000
@@ -78,16 +78,11 @@ def markdown(table: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-def compare_strip(out: Path, length: float, scene: int, labels: list[str]) -> Path:
+def compare_strip(out: Path, length: float, scene: int, labels: list[str]) -> Path | None:
     """One image: the frame strips of ``scene`` at ``length`` for ``labels`` (top to bottom), as
     ``OUT/<length>s_scene<i>_compare.png`` (written for every scene of a run)."""
-    import imageio.v2 as imageio
-
     paths = [out / "strips" / f"{int(length)}s_scene{scene}_{_slug(label)}.png" for label in labels]
-    rows = [imageio.imread(p) for p in paths if p.exists()]  # strips never saved are left out
-    path = out / f"{int(length)}s_scene{scene}_compare.png"
-    imageio.imwrite(path, np.concatenate(rows, axis=0))
-    return path
+    return stack_strips(paths, out / f"{int(length)}s_scene{scene}_compare.png")  # strips never saved are left out
 
 
 def _slug(label: str) -> str:

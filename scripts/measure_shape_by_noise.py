@@ -24,6 +24,7 @@ import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from packforcing.training.probe import guided_velocity  # noqa: E402
 from scripts.measure_text_binding import BACKGROUNDS_USED, SEED_BASE, best_template, caption  # noqa: E402
 
 SIGMAS = (0.0, 0.3, 0.5, 0.65, 0.8, 0.9, 1.0)
@@ -36,9 +37,7 @@ def sdedit(model, x0: torch.Tensor, text: torch.Tensor, sigma_start: float, time
     x = (1 - sigma_start) * x0 + sigma_start * torch.randn(x0.shape, generator=gen)
     ts = [sigma_start * 1000.0] + [t for t in timesteps if t < sigma_start * 1000.0 - 1e-6] + [0.0]
     for t, t_next in zip(ts[:-1], ts[1:]):
-        timestep = torch.full((2, x.shape[2]), t)
-        out = model.forward_sequence(torch.cat([x, x]), timestep, torch.cat([text, torch.zeros_like(text)]))
-        v = out[1:] + guidance * (out[:1] - out[1:])
+        v = guided_velocity(model, x, torch.full((1, x.shape[2]), t), text, None, None, guidance)
         x = x + (t_next - t) / 1000.0 * v
     return x
 

@@ -50,6 +50,16 @@ def caption(colour: str, shape: str, background: str) -> str:
     return f"a {colour} {shape} bouncing over a {background} background"
 
 
+def pair_change(latents: dict, kind: str) -> float:
+    """Mean absolute difference between the latents of two grid cells (keys (background, seed,
+    colour, shape)) that differ in `kind` only ("colour", "shape" or "seed"), each pair once."""
+    fields = ("background", "seed", "colour", "shape")
+    i = fields.index(kind)
+    diffs = [float((z - z2).abs().mean()) for a, z in latents.items() for b, z2 in latents.items()
+             if a[i] < b[i] and all(a[j] == b[j] for j in range(4) if j != i)]
+    return float(np.mean(diffs))
+
+
 def main(argv=None) -> int:
     from packforcing.tiny_world import load_tiny_world
     from packforcing.training.data import to_pixels
@@ -71,7 +81,7 @@ def main(argv=None) -> int:
     colours, shapes = list(world.colours), list(SHAPE_NAMES)
     frames_px = pixel_frames(bf)
 
-    latents, rows = {}, []
+    latents, encoded, rows = {}, {}, []
     for bg, seed_k in itertools.product(BACKGROUNDS_USED, range(args.seeds)):
         seed = SEED_BASE + seed_k
         for colour, shape in itertools.product(colours, shapes):
@@ -82,10 +92,11 @@ def main(argv=None) -> int:
             z = sample_blocks(pipe.transformer, text, 1, pipe.latent_hw, sampler.timesteps, guidance, bf, gen)
             latents[(bg, seed, colour, shape)] = z[0].float()
             video = to_uint8(pipe.vae.decode(z))
-            # ground truth: one object of this colour and shape, the scene of this seed (same place and motion)
-            scene = Scene.from_caption(caption(colour, shape, bg), seed=seed, world=world)  # same place, area, motion
+            # ground truth: one object of this colour and shape; place, area and motion come from the seed
+            scene = Scene.from_caption(caption(colour, shape, bg), seed=seed, world=world)
             truth = scene.render(frames_px, world.height, world.width)
-            recon = to_uint8(pipe.vae.decode(pipe.vae.encode(to_pixels(truth)[None])))
+            encoded[(bg, seed, colour, shape)] = pipe.vae.encode(to_pixels(truth)[None])
+            recon = to_uint8(pipe.vae.decode(encoded[(bg, seed, colour, shape)]))
             for source, clip in (("model", video), ("recon", recon), ("truth", truth)):
                 for f in range(0, len(clip), 2):
                     rows.append(dict(source=source, background=bg, seed=seed, colour=colour, shape=shape,
@@ -93,42 +104,14 @@ def main(argv=None) -> int:
         print(f"{bg} / seed {seed}: done", flush=True)
 
     # 1. output change per word (same noise) vs per seed (same caption)
-    def diffs(kind):
-        out = []
-        for (bg, seed, colour, shape), z in latents.items():
-            for (bg2, seed2, colour2, shape2), z2 in latents.items():
-                same = dict(colour=(bg2 == bg and seed2 == seed and shape2 == shape and colour2 > colour),
-                            shape=(bg2 == bg and seed2 == seed and colour2 == colour and shape2 > shape),
-                            seed=(bg2 == bg and seed2 > seed and colour2 == colour and shape2 == shape))[kind]
-                if same:
-                    out.append(float((z - z2).abs().mean()))
-        return out
-
-    change = {k: float(np.mean(diffs(k))) for k in ("colour", "shape", "seed")}
+    change = {k: pair_change(latents, k) for k in ("colour", "shape", "seed")}
     table = pd.DataFrame(rows)
     confusion = {src: pd.crosstab(g["shape"], g["best"], normalize="index").round(3)
                  for src, g in table.groupby("source")}
     accuracy = {src: float((g["shape"] == g["best"]).mean()) for src, g in table.groupby("source")}
 
     # 2. latent distance of a shape change vs a colour change in ground-truth encodings
-    enc = {}
-    for bg, seed_k in itertools.product(BACKGROUNDS_USED, range(args.seeds)):
-        seed = SEED_BASE + seed_k
-        for colour, shape in itertools.product(colours, shapes):
-            if colour not in colours_for(bg):
-                continue
-            scene = Scene.from_caption(caption(colour, shape, bg), seed=seed, world=world)
-            px = to_pixels(scene.render(frames_px, world.height, world.width))[None]
-            enc[(bg, seed, colour, shape)] = pipe.vae.encode(px)[0].float()
-    gt_change = {}
-    for kind in ("colour", "shape"):
-        vals = []
-        for (bg, seed, colour, shape), z in enc.items():
-            for (bg2, seed2, colour2, shape2), z2 in enc.items():
-                if bg2 == bg and seed2 == seed and ((kind == "colour" and shape2 == shape and colour2 > colour)
-                                                     or (kind == "shape" and colour2 == colour and shape2 > shape)):
-                    vals.append(float((z - z2).abs().mean()))
-        gt_change[kind] = float(np.mean(vals))
+    gt_change = {k: pair_change({key: z[0].float() for key, z in encoded.items()}, k) for k in ("colour", "shape")}
 
     result = dict(model=str(args.model), guidance=guidance, seeds=args.seeds, backgrounds=BACKGROUNDS_USED,
                   output_change_same_noise=change, shape_accuracy=accuracy,

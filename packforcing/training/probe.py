@@ -15,7 +15,7 @@ import torch
 from ..model import block_causal_mask
 
 
-def _velocity(model, seq, timestep, text, positions, mask, guidance: float):
+def guided_velocity(model, seq, timestep, text, positions, mask, guidance: float):
     """Flow prediction; with guidance > 1, v_u + g·(v_c − v_u) from one batch of [cond; uncond]."""
     if guidance == 1.0:
         return model.forward_sequence(seq, timestep, text, positions, mask)
@@ -51,7 +51,7 @@ def sample_blocks(model, text: torch.Tensor, num_blocks: int, latent_hw: tuple[i
         for t, t_next in zip(ts[:-1], ts[1:]):
             seq = torch.cat([clean, x], dim=2)
             timestep = torch.cat([torch.zeros(b, clean.shape[2]), torch.full((b, block_frames), t)], dim=1).to(device)
-            v = _velocity(model, seq, timestep, text, positions, mask, guidance)[:, :, -block_frames:]
+            v = guided_velocity(model, seq, timestep, text, positions, mask, guidance)[:, :, -block_frames:]
             x = x + (t_next - t) / 1000.0 * v  # x_t = (1-σ)x0 + σε: dx/dσ = v
         clean = torch.cat([clean, x], dim=2)
     return clean
